@@ -1,0 +1,119 @@
+"""The vision-language model: image patch embeddings spliced into a causal LM at ``<image>`` tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from dress_lightning.models.vision import VisionTower
+
+
+class ImageTokenMismatchError(ValueError):
+    """The ``<image>`` placeholders in a batch do not match the image features it carries."""
+
+
+class VisionLanguageModel(nn.Module):
+    """OpenCLIP vision tower -> projector -> Hugging Face causal LM.
+
+    The data pipeline expands each image's ``<image>`` placeholder into ``num_image_tokens`` copies
+    (as Hugging Face LLaVA does), so sequence lengths are known before the model runs and
+    truncation can be checked; here each copy is replaced by one projected patch embedding.
+    """
+
+    def __init__(
+        self,
+        vision: VisionTower,
+        projector: nn.Module,
+        language_model: PreTrainedModel,
+        image_token_id: int,
+        pad_token_id: int,
+        eos_token_id: int | list[int],
+    ) -> None:
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many ``<image>`` tokens one image occupies in the sequence (= patch tokens)."""
+        return self.vision.num_patches
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> projected patch embeddings (B, N, D_text)."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with every ``<image>`` token replaced by a patch embedding."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
+        image_mask = input_ids == self.image_token_id  # (B, T)
+        per_row = image_mask.sum(dim=1)
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        # One image per sample, in batch order: every row must hold exactly N placeholders.
+        expected = torch.full_like(per_row, self.num_image_tokens if num_images else 0)
+        if num_images not in (0, input_ids.shape[0]) or not torch.equal(per_row, expected):
+            raise ImageTokenMismatchError(
+                f"Batch has {num_images} image(s) for {input_ids.shape[0]} sequence(s) whose <image> token counts are "
+                f"{per_row.tolist()}; each sequence needs exactly {self.num_image_tokens} (one image, expanded to "
+                "num_image_tokens). A sequence was probably truncated through its image or built without "
+                "expanding <image>; refusing to train on misaligned tokens."
+            )
+        if num_images == 0:
+            return embeds
+        features = self.encode_images(pixel_values).to(embeds.dtype)  # (B, N, D)
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Hugging Face style forward; ``loss`` is the mean next-token loss over ``labels`` != -100."""
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+    ) -> torch.Tensor:
+        """Batched generation for left-padded prompts (B, T) with KV cache; returns new tokens (B, T_new).
+
+        Sequences that stop early are padded with ``pad_token_id``. Sampling draws from torch's
+        global RNG: seed it (``lightning.seed_everything``) for reproducible samples.
+        """
+        if (attention_mask[:, -1] == 0).any():
+            raise ValueError(
+                "generate() needs left-padded prompts (the last position of every row must be a real token); "
+                "set tokenizer.padding_side = 'left' when batching prompts."
+            )
+        sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            **sampling,
+        )
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config
+        )

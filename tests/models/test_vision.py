@@ -1,0 +1,74 @@
+import open_clip
+import pytest
+import torch
+
+from dress_lightning.models import build_vision_tower, describe_vision_tower
+
+
+def test_patch_tokens_shape_and_layer_selection():
+    torch.manual_seed(0)
+    tower = build_vision_tower("dress-tiny-vit", layer=-1)
+    images = torch.randn(3, 3, *tower.image_size)
+    tokens = tower(images)
+    grid = tower.image_size[0] // 8
+    assert tokens.shape == (3, grid * grid, 128) == (3, tower.num_patches, tower.hidden_size)
+
+    # layer -1 without ln_post equals the last block's output; -2 stops one block earlier.
+    earlier = build_vision_tower("dress-tiny-vit", layer=-2)
+    earlier.load_state_dict(tower.state_dict())
+    assert not torch.allclose(earlier(images), tokens)
+    blocks = tower.visual.transformer.resblocks
+    x = tower.visual._embeds(images)
+    for block in blocks[:-1]:
+        x = block(x)
+    torch.testing.assert_close(earlier(images), x[:, 1:])  # CLS dropped
+
+
+def test_exposes_open_clip_image_transform():
+    tower = build_vision_tower("dress-tiny-vit")
+    from PIL import Image
+
+    pixels = tower.image_transform(Image.new("RGB", (100, 80), "red"))
+    assert pixels.shape == (3, *tower.image_size)
+    # open_clip normalises with the CLIP mean/std: pure red maps to (1 - mean) / std on channel 0.
+    assert pixels[0, 0, 0].item() == pytest.approx((1 - 0.48145466) / 0.26862954, rel=1e-4)
+
+
+def test_frozen_tower_builds_no_graph():
+    tower = build_vision_tower("dress-tiny-vit")
+    tower.requires_grad_(False)
+    assert not tower(torch.randn(1, 3, 64, 64)).requires_grad
+    tower.requires_grad_(True)
+    assert tower(torch.randn(1, 3, 64, 64)).requires_grad
+
+
+def test_local_checkpoint_loads_by_path(tmp_path):
+    torch.manual_seed(1)
+    source = open_clip.create_model("dress-tiny-vit")
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(source.state_dict(), path)
+
+    tower = build_vision_tower("dress-tiny-vit", pretrained=str(path))
+    for name, tensor in source.visual.state_dict().items():
+        torch.testing.assert_close(tower.visual.state_dict()[name], tensor)
+
+
+def test_unknown_model_and_bad_pretrained_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="Unknown open_clip model 'ViT-Nope'.*ViT-L-14-336"):
+        build_vision_tower("ViT-Nope")
+    with pytest.raises(ValueError, match="neither a local checkpoint file nor a pretrained tag"):
+        build_vision_tower("dress-tiny-vit", pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_describe_matches_the_built_tower_without_weights():
+    spec = describe_vision_tower("dress-tiny-vit", layer=-2)
+    tower = build_vision_tower("dress-tiny-vit", layer=-2)
+    assert (spec.num_patches, spec.hidden_size, spec.image_size) == (64, 128, (64, 64))
+    assert tower(torch.randn(1, 3, 64, 64)).shape == (1, spec.num_patches, spec.hidden_size)
+
+
+@pytest.mark.parametrize("name, tokens, width", [("ViT-L-14-336", 576, 1024), ("EVA01-g-14", 256, 1408)])
+def test_describe_real_towers_on_meta(name, tokens, width):
+    # The real DRESS / LLaVA-1.5 towers, described offline without allocating their weights.
+    spec = describe_vision_tower(name, pretrained="openai" if name == "ViT-L-14-336" else None)
+    assert (spec.num_patches, spec.hidden_size) == (tokens, width)

@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+from dress_lightning.models import ImageTokenMismatchError, count_parameters
+from dress_lightning.special_tokens import IMAGE_TOKEN
+
+PROMPTS = [
+    "How many red circles are there?",
+    "Describe the image in detail.",
+    "Is there a green square?",
+    "Where is the blue triangle?",
+]
+
+
+def _encode(tokenizer, model, texts, padding_side="left"):
+    tokenizer.padding_side = padding_side
+    expanded = [IMAGE_TOKEN * model.num_image_tokens + "\n" + text for text in texts]
+    return tokenizer(expanded, return_tensors="pt", padding=True)
+
+
+def _scramble_language_model(model, seed=0):
+    """Large random weights so greedy decoding produces varied tokens (a fresh tiny LM repeats one)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.language_model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+def test_image_embeddings_are_spliced_at_placeholders(tiny_model, tiny_tokenizer):
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2])
+    pixel_values = torch.randn(2, 3, 64, 64)
+    embeds = tiny_model.embed(batch.input_ids, pixel_values)  # (B, T, D)
+    token_embeds = tiny_model.language_model.get_input_embeddings()(batch.input_ids)
+    features = tiny_model.encode_images(pixel_values)  # (B, N, D)
+
+    assert embeds.shape == token_embeds.shape
+    for row in range(2):
+        positions = (batch.input_ids[row] == tiny_model.image_token_id).nonzero().squeeze(1)
+        assert len(positions) == tiny_model.num_image_tokens == features.shape[1]
+        # Placeholders hold this row's image features in patch order; every other position is untouched.
+        torch.testing.assert_close(embeds[row, positions], features[row])
+        text = torch.ones(batch.input_ids.shape[1], dtype=torch.bool)
+        text[positions] = False
+        torch.testing.assert_close(embeds[row, text], token_embeds[row, text])
+
+
+def test_forward_returns_hf_outputs_with_loss_on_labels(tiny_model, tiny_tokenizer):
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2], padding_side="right")
+    labels = batch.input_ids.masked_fill(batch.input_ids == tiny_model.image_token_id, -100)
+    labels = labels.masked_fill(batch.attention_mask == 0, -100)
+    out = tiny_model(**batch, pixel_values=torch.randn(2, 3, 64, 64), labels=labels)
+    assert out.logits.shape == (*batch.input_ids.shape, tiny_model.language_model.config.vocab_size)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+    no_labels = tiny_model(**batch, pixel_values=torch.randn(2, 3, 64, 64))
+    assert no_labels.loss is None
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["truncated_placeholders", "images_without_placeholders", "placeholders_without_images", "image_count"],
+)
+def test_placeholder_feature_mismatch_raises(tiny_model, tiny_tokenizer, case):
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2])
+    input_ids, pixel_values = batch.input_ids, torch.randn(2, 3, 64, 64)
+    if case == "truncated_placeholders":
+        input_ids = input_ids.clone()
+        first = (input_ids[1] == tiny_model.image_token_id).nonzero()[0]
+        input_ids[1, first] = tiny_tokenizer.pad_token_id
+    elif case == "images_without_placeholders":
+        input_ids = tiny_tokenizer(PROMPTS[:2], return_tensors="pt", padding=True).input_ids
+    elif case == "placeholders_without_images":
+        pixel_values = None
+    else:
+        pixel_values = pixel_values[:1]
+    with pytest.raises(ImageTokenMismatchError, match="misaligned"):
+        tiny_model(input_ids=input_ids, pixel_values=pixel_values)
+
+
+def test_frozen_parameters_unchanged_after_optimizer_step(tiny_model, tiny_tokenizer):
+    report = count_parameters(tiny_model)
+    assert report.trainable == report.by_component["projector"][0] > 0
+    assert report.by_component["vision"][0] == report.by_component["language_model"][0] == 0
+
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2], padding_side="right")
+    labels = batch.input_ids.masked_fill(batch.input_ids == tiny_model.image_token_id, -100)
+    tiny_model(**batch, pixel_values=torch.randn(2, 3, 64, 64), labels=labels).loss.backward()
+    optimizer.step()
+
+    for name, p in tiny_model.named_parameters():
+        changed = not torch.equal(before[name], p)
+        assert changed == name.startswith("projector."), name
+
+
+def test_batched_greedy_equals_per_sample_greedy(tiny_model, tiny_tokenizer):
+    _scramble_language_model(tiny_model)
+    torch.manual_seed(0)
+    pixel_values = torch.randn(len(PROMPTS), 3, 64, 64)
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS)
+    assert (batch.attention_mask == 0).any(), "prompts of different lengths must exercise left padding"
+
+    batched = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=12,
+                                  eos_token_id=[])
+    assert batched.shape == (len(PROMPTS), 12)
+    assert len(set(batched.flatten().tolist())) > 4, "degenerate outputs would make the comparison vacuous"
+    for i, prompt in enumerate(PROMPTS):
+        single = _encode(tiny_tokenizer, tiny_model, [prompt])
+        alone = tiny_model.generate(single.input_ids, single.attention_mask, pixel_values[i : i + 1],
+                                    max_new_tokens=12, eos_token_id=[])
+        assert alone[0].tolist() == batched[i].tolist()
+
+
+def test_generation_stops_at_eos_and_pads(tiny_model, tiny_tokenizer):
+    _scramble_language_model(tiny_model)
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2])
+    pixel_values = torch.randn(2, 3, 64, 64)
+    free = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=8, eos_token_id=[])
+    stop_token = free[0, 2].item()  # make row 0 stop at its third token
+    stopped = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=8,
+                                  eos_token_id=stop_token)
+    first_stop = free[0].tolist().index(stop_token)
+    assert stopped[0, : first_stop + 1].tolist() == free[0, : first_stop + 1].tolist()
+    assert (stopped[0, first_stop + 1 :] == tiny_model.pad_token_id).all()
+
+
+def test_sampling_is_seeded_and_respects_top_p(tiny_model, tiny_tokenizer):
+    _scramble_language_model(tiny_model)
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2])
+    pixel_values = torch.randn(2, 3, 64, 64)
+
+    def sample(seed, **kwargs):
+        torch.manual_seed(seed)
+        return tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10,
+                                   do_sample=True, eos_token_id=[], **kwargs)
+
+    hot = dict(temperature=2.0, top_p=1.0)
+    assert torch.equal(sample(0, **hot), sample(0, **hot))
+    assert not torch.equal(sample(0, **hot), sample(1, **hot))
+    # A tiny nucleus keeps only the top token: sampling collapses to greedy.
+    greedy = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(sample(3, temperature=1.0, top_p=1e-6), greedy)
+
+
+def test_generate_refuses_right_padding(tiny_model, tiny_tokenizer):
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2], padding_side="right")
+    with pytest.raises(ValueError, match="left-padded"):
+        tiny_model.generate(batch.input_ids, batch.attention_mask, torch.randn(2, 3, 64, 64))
