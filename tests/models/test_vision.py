@@ -72,3 +72,12 @@ def test_describe_real_towers_on_meta(name, tokens, width):
     # The real DRESS / LLaVA-1.5 towers, described offline without allocating their weights.
     spec = describe_vision_tower(name, pretrained="openai" if name == "ViT-L-14-336" else None)
     assert (spec.num_patches, spec.hidden_size) == (tokens, width)
+
+
+def test_random_towers_are_seeded_so_checkpoints_can_omit_them():
+    torch.manual_seed(1)
+    first = build_vision_tower("dress-tiny-vit").state_dict()
+    torch.manual_seed(2)
+    second = build_vision_tower("dress-tiny-vit").state_dict()
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dress_lightning.models.language import load_language_model, load_tokenizer
+from dress_lightning.models.language import fit_embeddings, load_language_model, load_tokenizer
 from dress_lightning.models.projector import build_projector
 from dress_lightning.models.vision import build_vision_tower
 from dress_lightning.models.vlm import VisionLanguageModel
@@ -101,6 +101,7 @@ def build_vision_language_model(
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        resized_embeddings=fit_embeddings(language_model, tokenizer),
     )
     model.requires_grad_(False)
     for component, frozen in (

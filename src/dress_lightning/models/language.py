@@ -15,6 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dress_lightning.models.init import deterministic_init
 from dress_lightning.special_tokens import IMAGE_TOKEN, PAD_TOKEN
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ BUILTIN_LANGUAGE_MODELS: dict[str, dict[str, Any]] = {
     ),
 }
 BUILTIN_TOKENIZER = ASSETS / "dress-tiny-tokenizer"
-BUILTIN_INIT_SEED = 0
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -62,7 +62,7 @@ def load_language_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = "sdpa",
 ) -> PreTrainedModel:
-    """Load a causal LM by HF name or local path (or build a built-in one) and fit its embeddings to ``tokenizer``."""
+    """Load a causal LM by HF name or local path, or build a built-in one sized for ``tokenizer``."""
     if name_or_path in BUILTIN_LANGUAGE_MODELS:
         spec = dict(BUILTIN_LANGUAGE_MODELS[name_or_path])
         config = AutoConfig.for_model(
@@ -73,17 +73,23 @@ def load_language_model(
             pad_token_id=tokenizer.pad_token_id,
             **spec,
         )
-        # A fixed seed makes the untrained baseline identical on every machine and every rank.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BUILTIN_INIT_SEED)
+        with deterministic_init():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation=attn_implementation
         )
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # New rows start at the mean embedding (HF's mean_resizing), so untrained tokens are harmless.
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Grow the embeddings to cover tokens the tokenizer added; returns whether they grew."""
+    if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
+        return False
+    # New rows are drawn around the mean embedding (HF's mean_resizing), so untrained tokens are
+    # harmless; seeded, so every rank and every reload draws the same rows.
+    with deterministic_init():
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return True

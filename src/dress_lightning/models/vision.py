@@ -11,6 +11,8 @@ import open_clip
 import torch
 from torch import nn
 
+from dress_lightning.models.init import deterministic_init
+
 log = logging.getLogger(__name__)
 
 BUILTIN_OPEN_CLIP_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "open_clip"
@@ -123,7 +125,8 @@ class VisionTower(nn.Module):
 def build_vision_tower(model_name: str, pretrained: str | None = None, layer: int = -2) -> VisionTower:
     """Build an open_clip image tower by model name, with a pretrained tag, a local checkpoint path, or random init."""
     spec = describe_vision_tower(model_name, pretrained, layer)
-    visual, _ = _create(model_name, pretrained, device="cpu")
+    with deterministic_init():
+        visual, _ = _create(model_name, pretrained, device="cpu")
     if pretrained is None:
-        log.info("open_clip %s built with random weights (vision_pretrained is None).", model_name)
+        log.info("open_clip %s built with seeded random weights (vision_pretrained is None).", model_name)
     return VisionTower(visual, spec, layer=layer, model_name=model_name)

@@ -30,6 +30,7 @@ class VisionLanguageModel(nn.Module):
         image_token_id: int,
         pad_token_id: int,
         eos_token_id: int | list[int],
+        resized_embeddings: bool = False,
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -38,6 +39,8 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
+        self.resized_embeddings = resized_embeddings
+        """Whether the LM's embeddings grew for added tokens (checkpoints must then keep them)."""
 
     @property
     def num_image_tokens(self) -> int:
