@@ -1,0 +1,330 @@
+"""``dress-lightning data ...``: generate ShapeWorld shards, convert released data, inspect shards."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dress_lightning import __version__
+from dress_lightning.data.schema import ASPECTS, DEFAULT_SCORE_MAX, SCHEMA_VERSION, Sample
+from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, SPLITS, generate_sample
+
+PROG = "dress-lightning data"
+
+
+class _CommandError(Exception):
+    """A problem with the command's inputs; reported as ``error: ...`` with exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``data`` argument parser with one subparser per command."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def writer(name: str, help_text: str, default_prefix: str | None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "--out", type=Path, required=True, help="directory to write the .tar shards and the manifest into"
+        )
+        sub.add_argument(
+            "--shard-size", type=_positive_int, default=1000, help="samples per shard (default: %(default)s)"
+        )
+        sub.add_argument(
+            "--prefix", default=default_prefix, help="shard file name prefix: PREFIX-000000.tar (default: %(default)s)"
+        )
+        sub.add_argument(
+            "--overwrite", action="store_true", help="replace shards a previous run wrote with this prefix"
+        )
+        return sub
+
+    sub = writer("shapeworld", "generate deterministic synthetic ShapeWorld shards", None)
+    sub.add_argument("--split", choices=SPLITS, required=True, help="splits draw disjoint seed streams")
+    sub.add_argument("--samples", type=_positive_int, required=True, help="number of samples to generate")
+    sub.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
+    sub.add_argument(
+        "--image-size", type=_positive_int, default=128, help="image side in pixels (default: %(default)s)"
+    )
+    sub.set_defaults(run=_run_shapeworld)
+
+    sub = writer("convert-llava", "convert LLaVA instruction JSON", "llava")
+    sub.add_argument("--json", type=Path, required=True, help="LLaVA instruction JSON file (a list of records)")
+    sub.add_argument("--images", type=Path, required=True, help="image directory (COCO train2017)")
+    sub.set_defaults(run=_run_convert_llava)
+
+    sub = writer("convert-nlf", "convert DRESS LVLM_NLF jsonl files", "dress_nlf")
+    sub.add_argument(
+        "--jsonl", type=Path, nargs="+", required=True, help="{helpfulness,hallucination,harmlessness}_nlf.jsonl"
+    )
+    sub.add_argument("--images", type=Path, required=True, help="image directory (COCO train2017)")
+    sub.add_argument("--aspect", choices=ASPECTS, help="aspect of every file (default: from each file name)")
+    sub.add_argument(
+        "--score-max",
+        type=_positive_float,
+        default=DEFAULT_SCORE_MAX,
+        help="top of the rating scale (default: %(default)s)",
+    )
+    sub.set_defaults(run=_run_convert_nlf)
+
+    sub = writer("convert-vlsafe", "convert a VLSafe jsonl file (examine or alignment split)", None)
+    sub.add_argument(
+        "--jsonl", type=Path, required=True, help="harmlessness_examine.jsonl or harmlessnss_alignment.jsonl"
+    )
+    sub.add_argument("--images", type=Path, required=True, help="image directory (COCO train2017)")
+    sub.set_defaults(run=_run_convert_vlsafe)
+
+    sub = writer("convert-coco", "convert COCO captions_*.json and/or instances_*.json", "coco")
+    sub.add_argument("--annotations", type=Path, nargs="+", required=True, help="COCO annotation files")
+    sub.add_argument("--images", type=Path, required=True, help="image directory (e.g. train2017)")
+    sub.set_defaults(run=_run_convert_coco)
+
+    sub = commands.add_parser("inspect", help="count samples, skips, sources, turns and feedback in shards")
+    sub.add_argument(
+        "sources", nargs="+", metavar="DIR_OR_URLS", help="shard directories, files, brace patterns or URLs"
+    )
+    sub.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    sub.set_defaults(run=_run_inspect)
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run a ``data`` command; returns the exit code (0 even with skips, non-zero if nothing was written)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as exit_:  # --help or a usage error; the caller wants a code, not an exit
+        return int(exit_.code or 0)
+    try:
+        return args.run(args)
+    except _CommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _check_inputs(files: Iterable[Path] = (), directories: Iterable[Path] = ()) -> None:
+    for path in files:
+        if not path.is_file():
+            raise _CommandError(f"input file not found: {path}")
+    for path in directories:
+        if not path.is_dir():
+            raise _CommandError(f"image directory not found: {path}")
+
+
+def _jsonable(value: Any) -> Any:
+    """Argument values as JSON: paths (also in lists) become strings."""
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _write(
+    args: argparse.Namespace,
+    items: Iterable[tuple[str, Any]],
+    to_sample: Callable[[Any], Sample],
+    *,
+    total: int | None = None,
+) -> int:
+    """Shared tail of every writing command: write shards, print the summary, write the manifest."""
+    # Imported here (as in each command) because webdataset imports torch: --help stays fast.
+    from dress_lightning.data.shards import existing_shards, write_samples
+
+    out: Path = args.out
+    old = existing_shards(out, args.prefix) if out.is_dir() else []
+    if old and not args.overwrite:
+        raise _CommandError(
+            f"{out} already holds {len(old)} shard(s) named {args.prefix}-*.tar; "
+            "pass --overwrite to replace them or --prefix to write next to them"
+        )
+    for path in old:
+        path.unlink()
+    report = write_samples(
+        items, to_sample, out, args.prefix, shard_size=args.shard_size, tool=f"{PROG} {args.command}", total=total
+    )
+
+    console = Console()
+    console.print(f"{PROG} {args.command}: wrote {report.written} samples in {len(report.shards)} shard(s) to {out}")
+    table = Table()
+    table.add_column("outcome")
+    table.add_column("count", justify="right")
+    table.add_column("first example")
+    table.add_row("written", str(report.written), "")
+    for reason, count in report.skips.counts().items():
+        example = report.skips.first_example(reason)
+        table.add_row(f"skipped: {reason}", str(count), f"{example.where}: {example.detail}")
+    console.print(table)
+
+    manifest = {
+        "command": f"{PROG} {args.command}",
+        "args": {k: _jsonable(v) for k, v in vars(args).items() if k != "run"},
+        "written": report.written,
+        "skipped": report.skips.counts(),
+        "shards": [p.name for p in report.shards],
+        "schema_version": SCHEMA_VERSION,
+        "dress_lightning_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "skipped_records": [vars(r) for r in report.skips.records],
+    }
+    manifest_path = out / f"{args.prefix}-manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if report.written == 0:
+        print(f"error: nothing was written; every input was skipped (details in {manifest_path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_shapeworld(args: argparse.Namespace) -> int:
+    if args.image_size < MIN_IMAGE_SIZE:
+        raise _CommandError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
+    args.prefix = args.prefix or f"shapeworld-{args.split}"
+    items = ((f"{args.split}[{i}]", i) for i in range(args.samples))
+    to_sample = functools.partial(generate_sample, args.split, args.seed, image_size=args.image_size)
+    return _write(args, items, to_sample, total=args.samples)
+
+
+def _run_convert_llava(args: argparse.Namespace) -> int:
+    from dress_lightning.data.converters import ImageDir, InputError, llava_to_sample, load_json
+
+    _check_inputs([args.json], [args.images])
+    try:
+        records = load_json(args.json)
+    except InputError as error:
+        raise _CommandError(str(error)) from None
+    if not isinstance(records, list):
+        raise _CommandError(f"{args.json} must hold a JSON list of LLaVA records, got {type(records).__name__}")
+    items = ((f"{args.json.name}[{i}]", record) for i, record in enumerate(records))
+    return _write(args, items, functools.partial(llava_to_sample, images=ImageDir(args.images)), total=len(records))
+
+
+def _run_convert_nlf(args: argparse.Namespace) -> int:
+    from dress_lightning.data.converters import ImageDir, InputError, iter_jsonl, nlf_aspect, nlf_to_sample
+
+    _check_inputs(args.jsonl, [args.images])
+    try:
+        aspects = {path: args.aspect or nlf_aspect(path) for path in args.jsonl}
+    except InputError as error:
+        raise _CommandError(str(error)) from None
+    to_sample = functools.partial(
+        nlf_to_sample, images=ImageDir(args.images), aspects=aspects, score_max=args.score_max
+    )
+    return _write(args, iter_jsonl(args.jsonl), to_sample)
+
+
+def _run_convert_vlsafe(args: argparse.Namespace) -> int:
+    from dress_lightning.data.converters import ImageDir, iter_jsonl, vlsafe_to_sample
+
+    _check_inputs([args.jsonl], [args.images])
+    # Default prefix from the file, so the examine and alignment splits can share a directory.
+    args.prefix = args.prefix or f"vlsafe-{args.jsonl.stem}"
+    return _write(args, iter_jsonl([args.jsonl]), functools.partial(vlsafe_to_sample, images=ImageDir(args.images)))
+
+
+def _run_convert_coco(args: argparse.Namespace) -> int:
+    from dress_lightning.data.converters import ImageDir, InputError, coco_to_sample, load_coco
+
+    _check_inputs(args.annotations, [args.images])
+    try:
+        coco_images, categories = load_coco(args.annotations)
+    except InputError as error:
+        raise _CommandError(str(error)) from None
+    items = ((f"image {image.image_id}", image) for image in coco_images)
+    to_sample = functools.partial(coco_to_sample, images=ImageDir(args.images), categories=categories)
+    return _write(args, items, to_sample, total=len(coco_images))
+
+
+def _shard_stats(samples: Iterable[Sample]) -> dict[str, Any]:
+    """Counts over samples: sources, categories, turns, feedback and mean score per aspect."""
+    by_source: Counter[str] = Counter()
+    by_category: Counter[str] = Counter()
+    conversation_turns: Counter[int] = Counter()
+    scores: dict[str, list[float]] = {aspect: [] for aspect in ASPECTS}
+    samples_count = prompt_only = harmful = feedback_turns = 0
+    for sample in samples:
+        record = sample.record
+        samples_count += 1
+        by_source[record["source"]] += 1
+        by_category[record.get("category", "(none)")] += 1
+        conversation_turns[len(record["conversation"])] += 1
+        prompt_only += record["conversation"][-1]["role"] == "user"
+        harmful += record["annotations"]["safety"]["harmful_intent"]
+        for entry in record.get("feedback", []):
+            if entry is not None:
+                feedback_turns += 1
+                for aspect, score in entry["scores"].items():
+                    scores[aspect].append(score / entry["score_max"])
+    return {
+        "samples": samples_count,
+        "by_source": dict(by_source.most_common()),
+        "by_category": dict(by_category.most_common()),
+        "conversation_turns": dict(sorted(conversation_turns.items())),
+        "prompt_only": prompt_only,
+        "harmful_intent": harmful,
+        "feedback_turns": feedback_turns,
+        # Normalised by each entry's score_max, so sources with different scales can be compared.
+        "mean_score": {aspect: sum(v) / len(v) for aspect, v in scores.items() if v},
+    }
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples, progress_bar
+
+    urls = expand_shard_urls(args.sources)
+    if not urls:
+        raise _CommandError(f"no .tar shards found in {' '.join(args.sources)}")
+    missing = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
+    if missing:
+        raise _CommandError(
+            f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    skips = SkipLog()
+    with progress_bar() as progress:
+        task = progress.add_task("reading", total=None)
+
+        def counted(samples: Iterable[Sample]) -> Iterable[Sample]:
+            for sample in samples:
+                progress.advance(task)
+                yield sample
+
+        stats = {"shards": len(urls), **_shard_stats(counted(iter_samples(urls, skips))), "skipped": skips.counts()}
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    console = Console()
+    summary = Table(title=f"{stats['samples']} samples in {stats['shards']} shard(s)")
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    for name in ("samples", "prompt_only", "harmful_intent", "feedback_turns"):
+        summary.add_row(name, str(stats[name]))
+    for group in ("by_source", "by_category", "conversation_turns", "skipped"):
+        for value, count in stats[group].items():
+            summary.add_row(f"{group}: {value}", str(count))
+    for aspect, mean in stats["mean_score"].items():
+        summary.add_row(f"mean score (fraction of max): {aspect}", f"{mean:.3f}")
+    console.print(summary)
+    for reason in stats["skipped"]:
+        example = skips.first_example(reason)
+        console.print(f"first skipped for {reason}: {example.where}: {example.detail}")
+    return 0

@@ -1,0 +1,197 @@
+"""Writing and reading WebDataset shards of schema samples, counting what had to be skipped.
+
+``write_samples`` is the one loop every writing command shares: input items -> record-to-sample
+function -> validation -> duplicate-key check -> ``webdataset.ShardWriter``; any input that fails
+is skipped and counted by reason, never silently and never crashing midway.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from braceexpand import braceexpand
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from dress_lightning import __version__
+from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample, encode_sample, validate_sample
+
+SHARD_SUFFIX = ".tar"
+SHARD_MTIME = 0
+"""Fixed member mtime so the same samples always give byte-identical shards."""
+
+
+class SkipRecord(Exception):
+    """Raised by a record-to-sample function to skip an input record for a counted reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """One input that could not be turned into a sample."""
+
+    where: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class SkipLog:
+    """Every skipped input with its reason."""
+
+    records: list[SkippedRecord] = field(default_factory=list)
+
+    def add(self, where: str, reason: str, detail: str = "") -> None:
+        """Record one skipped input."""
+        self.records.append(SkippedRecord(where, reason, detail))
+
+    def counts(self) -> dict[str, int]:
+        """Number of skipped inputs per reason, most frequent first."""
+        return dict(Counter(r.reason for r in self.records).most_common())
+
+    def first_example(self, reason: str) -> SkippedRecord:
+        """The first input skipped for a reason, to show in summaries."""
+        return next(r for r in self.records if r.reason == reason)
+
+
+@dataclass
+class WriteReport:
+    """What ``write_samples`` wrote and skipped."""
+
+    written: int
+    shards: list[Path]
+    skips: SkipLog
+
+
+def shard_pattern(out_dir: Path, prefix: str) -> str:
+    """The ``ShardWriter`` file pattern for a prefix: ``{out_dir}/{prefix}-000000.tar``..."""
+    return str(out_dir / f"{prefix}-%06d{SHARD_SUFFIX}")
+
+
+def existing_shards(out_dir: Path, prefix: str) -> list[Path]:
+    """Shards a previous run wrote with this prefix."""
+    return sorted(out_dir.glob(f"{prefix}-[0-9]*{SHARD_SUFFIX}"))
+
+
+def progress_bar() -> Progress:
+    """A Rich progress bar on stderr, so that stdout stays free for results (``inspect --json``)."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def write_samples(
+    items: Iterable[tuple[str, Any]],
+    to_sample: Callable[[Any], Sample],
+    out_dir: Path,
+    prefix: str,
+    *,
+    shard_size: int,
+    tool: str,
+    total: int | None = None,
+) -> WriteReport:
+    """Turn ``(where, input)`` items into validated samples and write them to ``.tar`` shards.
+
+    ``where`` locates the input for messages (``file.jsonl:12``). An input that is already a
+    ``SkipRecord`` (e.g. a malformed JSON line) is counted as such; ``to_sample`` raises
+    ``SkipRecord`` for expected problems (missing image), and a ``KeyError``/``TypeError``/
+    ``ValueError`` from it means the input record does not have the expected layout. A sample
+    without provenance gets one naming ``tool`` and its input, to trace it back to its source.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skips = SkipLog()
+    seen_keys: set[str] = set()
+    writer: wds.ShardWriter | None = None
+    shards: list[Path] = []
+    written = 0
+    with progress_bar() as progress:
+        task = progress.add_task(tool, total=total)
+        try:
+            for where, item in items:
+                progress.advance(task)
+                try:
+                    if isinstance(item, SkipRecord):
+                        raise item
+                    sample = to_sample(item)
+                    sample.record.setdefault("provenance", {"tool": tool, "version": __version__, "input": where})
+                    validate_sample(sample.record, key=sample.key)
+                    # Keys are sanitized ids; two ids may collide, and webdataset would merge them.
+                    if sample.key in seen_keys:
+                        raise SkipRecord("duplicate id", f"key {sample.key!r} was already written")
+                except SkipRecord as skip:
+                    skips.add(where, skip.reason, skip.detail)
+                    continue
+                except SampleValidationError as error:
+                    skips.add(where, "invalid sample", str(error))
+                    continue
+                except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+                    skips.add(where, "invalid record", f"{type(error).__name__}: {error}")
+                    continue
+                if writer is None:
+                    # Opened lazily: a run that writes nothing must not leave an empty shard behind.
+                    writer = wds.ShardWriter(
+                        shard_pattern(out_dir, prefix),
+                        maxcount=shard_size,
+                        verbose=0,
+                        post=lambda name: shards.append(Path(name)),
+                        encoder=False,
+                        mtime=SHARD_MTIME,
+                    )
+                writer.write(encode_sample(sample))
+                seen_keys.add(sample.key)
+                written += 1
+        finally:
+            if writer is not None:
+                writer.close()
+    return WriteReport(written=written, shards=shards, skips=skips)
+
+
+def expand_shard_urls(sources: Sequence[str]) -> list[str]:
+    """Expand directories (their ``*.tar``) and brace patterns into a flat list of shard URLs."""
+    urls: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            urls += [str(p) for p in sorted(path.glob(f"*{SHARD_SUFFIX}"))]
+        else:
+            urls += list(braceexpand(source))
+    return urls
+
+
+def iter_samples(urls: Sequence[str], skips: SkipLog) -> Iterator[Sample]:
+    """Read shards in order and yield decoded, validated samples; bad ones are counted in ``skips``."""
+    for url in urls:
+        yield from _iter_shard(url, skips)
+
+
+def _iter_shard(url: str, skips: SkipLog) -> Iterator[Sample]:
+    errors: list[Exception] = []
+
+    def keep_going(error: Exception) -> bool:
+        errors.append(error)
+        return True
+
+    # One dataset per shard: webdataset may report one truncation at several levels, and a
+    # damaged shard should count once, after the samples before the damage have been read.
+    for raw in wds.WebDataset(url, shardshuffle=False, handler=keep_going, empty_check=False):
+        try:
+            yield decode_sample(raw)
+        except SampleValidationError as error:
+            skips.add(f"{url}:{raw.get('__key__', '?')}", "invalid sample", str(error))
+    if errors:
+        first = errors[0]
+        skips.add(url, "unreadable shard", f"{type(first).__name__}: {first.args[0] if first.args else ''}")
