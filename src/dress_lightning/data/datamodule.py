@@ -1,0 +1,516 @@
+"""Streaming WebDataset shards into model batches: a flat list of named pipeline stages and a DataModule.
+
+Stages (``build_pipeline``), in order:
+  shard list  -> this rank's and this worker's shards (disjoint, reshuffled each epoch), or shards
+                 drawn with replacement in resampled mode
+  tar reading -> raw samples; unreadable shards and truncated members are skipped and counted
+  shuffle     -> a sample buffer seeded by (seed, epoch, rank, worker)
+  encode      -> decode + validate the record, render the conversation, mask labels, preprocess the
+                 image with the vision tower's own transform; refused samples are skipped and counted
+  batch       -> dynamic padding, optionally grouping samples of similar length
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dress_lightning.conversation import (
+    IGNORE_INDEX,
+    ConditionPlacement,
+    ConversationFormatError,
+    ConversationFormatter,
+    TemplateName,
+)
+from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample
+from dress_lightning.data.shards import expand_shard_urls
+from dress_lightning.models.factory import VisionLanguageConfig, build_tokenizer
+from dress_lightning.models.vision import describe_vision_tower
+from dress_lightning.special_tokens import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
+
+SKIPPED_KEY = "skipped"
+"""Batch entry: samples skipped since the previous batch of the same worker, by reason."""
+
+
+class SampleEncoder:
+    """Decoded shard sample -> one training example (input_ids, labels, pixel_values)."""
+
+    def __init__(self, formatter: ConversationFormatter, image_transform: Callable[[Image.Image], torch.Tensor]):
+        self.formatter = formatter
+        self.image_transform = image_transform
+
+    def conditions(self, sample: Sample) -> list[str | None] | None:
+        """Condition text per assistant turn; plain SFT has none (conditional RL overrides this)."""
+        return None
+
+    def __call__(self, sample: Sample) -> dict[str, Any]:
+        encoded = self.formatter.encode(sample.record["conversation"], self.conditions(sample))
+        with Image.open(io.BytesIO(sample.image)) as image:
+            pixel_values = self.image_transform(image.convert("RGB"))
+        return {
+            "id": sample.record["id"],
+            "input_ids": torch.tensor(encoded.input_ids),
+            "labels": torch.tensor(encoded.labels),
+            "pixel_values": pixel_values,
+            "num_truncated": encoded.num_truncated,
+        }
+
+
+class CaptionEncoder(SampleEncoder):
+    """Caption data for projector pretraining: ``<image>`` + a brief-description request -> one caption."""
+
+    INSTRUCTIONS = (
+        "Describe the image briefly.",
+        "Give a short caption for this image.",
+        "Summarize the visual content of the image.",
+    )
+
+    def __call__(self, sample: Sample) -> dict[str, Any]:
+        captions = sample.record["annotations"]["captions"]
+        if not captions:
+            raise ConversationFormatError(f"sample {sample.record['id']!r} has no caption to pretrain on")
+        # crc32, not hash(): the choice must not change with PYTHONHASHSEED across workers and runs.
+        pick = zlib.crc32(sample.record["id"].encode())
+        conversation = [
+            {"role": "user", "content": f"{IMAGE_TOKEN}\n{self.INSTRUCTIONS[pick % len(self.INSTRUCTIONS)]}"},
+            {"role": "assistant", "content": captions[pick % len(captions)]},
+        ]
+        caption_sample = Sample(
+            record={**sample.record, "conversation": conversation}, image=sample.image, image_ext=sample.image_ext
+        )
+        return super().__call__(caption_sample)
+
+
+ENCODERS: dict[str, type[SampleEncoder]] = {"conversation": SampleEncoder, "caption": CaptionEncoder}
+
+
+@dataclass
+class ShapeWorldShards:
+    """ShapeWorld shards to generate into an empty shard directory on first use."""
+
+    split: Literal["train", "val", "test"] = "train"
+    samples: int = 2000
+    seed: int = 0
+    shard_size: int = 250
+
+
+def collate(examples: Sequence[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    """Right-pad to the longest example (rounded up to ``pad_to_multiple_of``) and stack."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    length = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = example["input_ids"]
+        labels[row, :n] = example["labels"]
+        attention_mask[row, :n] = 1
+    return {
+        "input_ids": input_ids,  # (B, T)
+        "attention_mask": attention_mask,  # (B, T)
+        "labels": labels,  # (B, T)
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),  # (B, 3, H, W)
+        "ids": [e["id"] for e in examples],
+        "num_truncated": sum(e["num_truncated"] for e in examples),
+    }
+
+
+@dataclass
+class SkipCounter:
+    """Counts samples skipped inside one worker; each batch carries (and resets) the count."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def handler(self, error: Exception) -> bool:
+        """webdataset exception handler: count and continue."""
+        self.counts[f"unreadable ({type(error).__name__})"] += 1
+        return True
+
+    def take(self) -> dict[str, int]:
+        taken, self.counts = dict(self.counts), Counter()
+        return taken
+
+
+@dataclass
+class StreamPosition:
+    """Where this stream is: the rank/worker split and the epoch (drives every seed)."""
+
+    rank: int
+    world_size: int
+    seed: int
+    epoch: int = 0
+
+    def rng(self, purpose: str) -> random.Random:
+        """An RNG unique to (seed, epoch, rank, worker, purpose): no two streams shuffle alike."""
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{purpose}")
+
+    def workers(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def split_shards(urls: Sequence[str], position: StreamPosition, shuffle: bool) -> Iterator[dict[str, str]]:
+    """This rank's and worker's share of the shards; the order is shuffled identically on every rank."""
+    urls = list(urls)
+    if shuffle:
+        # Same permutation everywhere (no rank/worker in the seed), so the split below stays disjoint.
+        random.Random(f"{position.seed}/{position.epoch}/shards").shuffle(urls)
+    worker, num_workers = position.workers()
+    mine = urls[position.rank :: position.world_size][worker::num_workers]
+    for url in mine:
+        yield {"url": url}
+
+
+def resample_shards(urls: Sequence[str], position: StreamPosition) -> Iterator[dict[str, str]]:
+    """Shards drawn with replacement, forever; the epoch length is set on the pipeline."""
+    rng = position.rng("resample")
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def shuffle_samples(src: Iterable, position: StreamPosition, buffer: int) -> Iterator:
+    """Buffered shuffle with a seeded RNG (``wds.shuffle`` would seed from time and pid)."""
+    rng, pool = position.rng("samples"), []
+    for item in src:
+        pool.append(item)
+        if len(pool) >= buffer:
+            yield pool.pop(rng.randrange(len(pool)))
+    rng.shuffle(pool)
+    yield from pool
+
+
+def encode_samples(src: Iterable[dict], encoder: SampleEncoder, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Decode, validate and encode raw samples; refused ones are counted by reason, never trained on."""
+    for raw in src:
+        try:
+            yield encoder(decode_sample(raw))
+        except SampleValidationError:
+            skips.counts["invalid sample"] += 1
+        except ConversationFormatError:
+            skips.counts["conversation refused"] += 1
+        except (UnidentifiedImageError, OSError):
+            skips.counts["unreadable image"] += 1
+
+
+def batch_examples(
+    src: Iterable[dict],
+    batch_size: int,
+    make_batch: Callable[[list[dict]], dict],
+    skips: SkipCounter,
+    position: StreamPosition,
+    group_by_length: int,
+) -> Iterator[dict[str, Any]]:
+    """Form batches; with ``group_by_length`` > 1, sort that many batches' worth by length first.
+
+    Length grouping cuts padding waste; the batch order is shuffled again so lengths do not trend.
+    Each batch is held back until the next one is formed, so the last batch also carries the skips
+    that happened after it was filled.
+    """
+    pool_size = batch_size * max(group_by_length, 1)
+    rng = position.rng("length-groups")
+
+    def groups() -> Iterator[list[dict]]:
+        pool: list[dict] = []
+        for example in src:
+            pool.append(example)
+            if len(pool) == pool_size:
+                yield pool
+                pool = []
+        if pool:
+            yield pool
+
+    def batches() -> Iterator[list[dict]]:
+        for pool in groups():
+            if group_by_length > 1:
+                pool.sort(key=lambda e: len(e["input_ids"]))
+            chunks = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+            if group_by_length > 1:
+                rng.shuffle(chunks)
+            yield from chunks
+
+    pending = None
+    for examples in batches():
+        if pending is not None:
+            yield {**make_batch(pending), SKIPPED_KEY: skips.take()}
+        pending = examples
+    if pending is not None:
+        yield {**make_batch(pending), SKIPPED_KEY: skips.take()}
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader over an iterable pipeline that advances the stream's epoch on every pass.
+
+    Workers are re-created each epoch (no persistent workers), so they start from the main
+    process's ``position`` and reshuffle with the new epoch's seed. It is stateful in the sense
+    Lightning uses to resume mid-epoch: ``state_dict`` records the epoch and the batches handed
+    out, and after ``load_state_dict`` the next pass regenerates the same stream and skips them.
+    """
+
+    def __init__(self, dataset: IterableDataset, position: StreamPosition, **kwargs) -> None:
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.position = position
+        self.batches_served = 0
+        self.pass_complete = False
+        self._started = False
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        skip = 0
+        if self._resume is not None:
+            self.position.epoch = self._resume["epoch"] + int(self._resume["pass_complete"])
+            skip = 0 if self._resume["pass_complete"] else self._resume["batches_served"]
+            self._resume = None
+        elif self._started:
+            self.position.epoch += 1
+        self._started = True
+        self.batches_served, self.pass_complete = 0, False
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self.batches_served = index + 1
+                yield batch
+        self.pass_complete = True
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.position.epoch,
+            "batches_served": self.batches_served,
+            "pass_complete": self.pass_complete,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
+
+
+def build_pipeline(
+    urls: Sequence[str],
+    encoder: SampleEncoder,
+    position: StreamPosition,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    shuffle: bool,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    batches_per_worker: int | None = None,
+    group_by_length: int = 0,
+    pad_to_multiple_of: int = 1,
+) -> wds.DataPipeline:
+    """The WebDataset pipeline of one rank, as a flat list of stages (see the module docstring)."""
+    skips = SkipCounter()
+    shard_source = (
+        (lambda: resample_shards(urls, position))
+        if resampled
+        else (lambda: split_shards(urls, position, shuffle=shuffle))
+    )
+    stages: list[Any] = [shard_source, wds.tarfile_to_samples(handler=skips.handler)]
+    if shuffle and shuffle_buffer > 1:
+        stages.append(lambda src: shuffle_samples(src, position, shuffle_buffer))
+    stages += [
+        lambda src: encode_samples(src, encoder, skips),
+        lambda src: batch_examples(
+            src,
+            batch_size,
+            lambda examples: collate(examples, pad_token_id, pad_to_multiple_of),
+            skips,
+            position,
+            group_by_length,
+        ),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    if batches_per_worker is not None:
+        pipeline = pipeline.with_epoch(nbatches=batches_per_worker)
+    return pipeline
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams image + conversation shards (any WebDataset URL: paths, brace patterns, ``pipe:``)."""
+
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        model: VisionLanguageConfig | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        max_length: int = 512,
+        sample_format: Literal["conversation", "caption"] = "conversation",
+        template: TemplateName = "vicuna_v1",
+        system_prompt: str | None = None,
+        condition_placement: ConditionPlacement = "assistant_prefix",
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        group_by_length: int = 0,
+        pad_to_multiple_of: int = 8,
+        seed: int = 0,
+        train_shapeworld: ShapeWorldShards | None = None,
+        val_shapeworld: ShapeWorldShards | None = None,
+    ) -> None:
+        """
+        Args:
+            train_shards: Training shards: a directory of ``.tar`` files, a brace pattern
+                (``data/shards/train-{000000..000009}.tar``), a URL (``pipe:aws s3 cp ... -``) or a list of these.
+            val_shards: Validation shards, same forms; read in order, every sample once.
+            model: The model config; its tokenizer and vision transform shape the batches (linked from the model).
+            batch_size: Samples per batch on each rank.
+            num_workers: DataLoader worker processes per rank.
+            max_length: Token budget per sample; longer conversations lose trailing text, never image tokens.
+            sample_format: ``conversation`` trains on the dialogue; ``caption`` on one caption (pretraining).
+            template: Conversation template: ``vicuna_v1`` or the tokenizer's own ``chat_template``.
+            system_prompt: System prompt override (None: the template's default).
+            condition_placement: Where a feedback condition goes: before the response or after the user turn.
+            shuffle_buffer: Samples held in the shuffle buffer (training only).
+            resampled: Draw shards with replacement (infinite stream); needs ``epoch_length``.
+            epoch_length: Samples per epoch over all ranks in resampled mode.
+            group_by_length: Sort this many batches' worth of samples by length before batching (0: off).
+            pad_to_multiple_of: Round padded lengths up to a multiple of this (tensor-core friendly).
+            seed: Base seed of shard order, sample shuffle and resampling.
+            train_shapeworld: Generate ShapeWorld shards into ``train_shards`` (a directory) if it has none.
+            val_shapeworld: Generate ShapeWorld shards into ``val_shards`` (a directory) if it has none.
+        """
+        super().__init__()
+        if resampled and not epoch_length:
+            raise ValueError("resampled=True streams forever: set data.epoch_length (samples per epoch, all ranks).")
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.model_config = model or VisionLanguageConfig()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_length = max_length
+        self.sample_format = sample_format
+        self.template = template
+        self.system_prompt = system_prompt
+        self.condition_placement = condition_placement
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.epoch_length = epoch_length
+        self.group_by_length = group_by_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.seed = seed
+        self.train_shapeworld = train_shapeworld
+        self.val_shapeworld = val_shapeworld
+        self.skipped: Counter = Counter()
+        """Samples skipped so far, by reason, summed over workers (updated as batches arrive)."""
+        self.num_truncated = 0
+        self.encoder: SampleEncoder | None = None
+
+    def prepare_data(self) -> None:
+        # Runs once per node before setup: the embedded default works from a fresh clone.
+        from dress_lightning.data.commands import main as data_main
+
+        for shards, spec in ((self.train_shards, self.train_shapeworld), (self.val_shards, self.val_shapeworld)):
+            if spec is None:
+                continue
+            if not isinstance(shards, str) or "{" in shards or ":" in shards:
+                raise ValueError(f"ShapeWorld shards are generated into a directory; got shards={shards!r}.")
+            out = Path(shards)
+            if out.is_dir() and any(out.glob("*.tar")):
+                continue
+            log.info("Generating %d ShapeWorld %s samples into %s (first use).", spec.samples, spec.split, out)
+            args = [
+                "shapeworld",
+                "--out",
+                str(out),
+                "--split",
+                spec.split,
+                "--samples",
+                str(spec.samples),
+                "--seed",
+                str(spec.seed),
+                "--shard-size",
+                str(spec.shard_size),
+            ]
+            if data_main(args) != 0:
+                raise RuntimeError(f"Generating ShapeWorld shards into {out} failed (see above).")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.encoder is not None:
+            return
+        tokenizer = build_tokenizer(self.model_config)
+        spec = describe_vision_tower(
+            self.model_config.vision_model, self.model_config.vision_pretrained, self.model_config.vision_layer
+        )
+        formatter = ConversationFormatter(
+            tokenizer,
+            num_image_tokens=spec.num_patches,
+            template=self.template,
+            max_length=self.max_length,
+            system_prompt=self.system_prompt,
+            condition_placement=self.condition_placement,
+        )
+        self.encoder = self.make_encoder(formatter, spec.image_transform)
+
+    def make_encoder(self, formatter: ConversationFormatter, image_transform: Callable) -> SampleEncoder:
+        """The per-sample encoder; tasks that condition on feedback override this."""
+        return ENCODERS[self.sample_format](formatter, image_transform)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, shards: str | list[str], train: bool) -> EpochDataLoader:
+        if self.encoder is None:
+            self.setup()
+        urls = expand_shard_urls([shards] if isinstance(shards, str) else shards)
+        if not urls:
+            raise ValueError(f"No shards found for {shards!r}.")
+        rank, world_size = self._rank()
+        resampled = self.resampled and train
+        readers = max(self.num_workers, 1) * world_size
+        if not resampled and len(urls) < readers:
+            raise ValueError(
+                f"{len(urls)} shard(s) for {readers} readers ({max(self.num_workers, 1)} worker(s) x {world_size} "
+                "rank(s)): some readers would get no data (and DDP would hang). Write more, smaller shards "
+                "(--shard-size), lower data.num_workers, or set data.resampled=true with data.epoch_length."
+            )
+        batches_per_worker = None
+        if resampled:
+            batches_per_worker = math.ceil(self.epoch_length / (readers * self.batch_size))
+        position = StreamPosition(rank=rank, world_size=world_size, seed=self.seed)
+        pipeline = build_pipeline(
+            urls,
+            self.encoder,
+            position,
+            batch_size=self.batch_size,
+            pad_token_id=self.encoder.formatter.tokenizer.pad_token_id,
+            shuffle=train,
+            shuffle_buffer=self.shuffle_buffer,
+            resampled=resampled,
+            batches_per_worker=batches_per_worker,
+            group_by_length=self.group_by_length if train else 0,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        return EpochDataLoader(pipeline, position, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> EpochDataLoader:
+        if self.train_shards is None:
+            raise ValueError("data.train_shards is not set.")
+        return self._loader(self.train_shards, train=True)
+
+    def val_dataloader(self) -> EpochDataLoader | list:
+        return [] if self.val_shards is None else self._loader(self.val_shards, train=False)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        # Worker-side counts travel with the batches; sum them here so nothing is skipped silently.
+        self.skipped.update(batch.pop(SKIPPED_KEY, {}))
+        self.num_truncated += batch.get("num_truncated", 0)
+        return batch
