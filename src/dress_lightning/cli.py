@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 USAGE = """usage: dress-lightning COMMAND [ARGS...]
 
 commands:
+  fit, validate, test, predict
+            Lightning CLI: `fit -c configs/sft.yaml` (several -c compose; --print_config shows the result)
   data      build, convert and inspect WebDataset shards (shapeworld, convert-*, inspect)
 
 Run `dress-lightning COMMAND --help` for the options of a command."""
@@ -23,7 +25,17 @@ def _data_main(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _lightning_main(subcommand: str) -> Callable[[Sequence[str]], int]:
+    def run(argv: Sequence[str]) -> int:
+        from dress_lightning.lightning_cli import main
+
+        return main([subcommand, *argv])
+
+    return run
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    **{name: _lightning_main(name) for name in ("fit", "validate", "test", "predict")},
     "data": _data_main,
 }
 

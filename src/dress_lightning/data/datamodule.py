@@ -260,44 +260,28 @@ class EpochDataLoader(DataLoader):
     """A DataLoader over an iterable pipeline that advances the stream's epoch on every pass.
 
     Workers are re-created each epoch (no persistent workers), so they start from the main
-    process's ``position`` and reshuffle with the new epoch's seed. It is stateful in the sense
-    Lightning uses to resume mid-epoch: ``state_dict`` records the epoch and the batches handed
-    out, and after ``load_state_dict`` the next pass regenerates the same stream and skips them.
+    process's ``position`` and reshuffle with the new epoch's seed. ``resume`` makes the next pass
+    regenerate a given epoch's stream and skip the batches already trained on (mid-epoch resume).
     """
 
     def __init__(self, dataset: IterableDataset, position: StreamPosition, **kwargs) -> None:
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.position = position
-        self.batches_served = 0
-        self.pass_complete = False
         self._started = False
-        self._resume: dict[str, int] | None = None
+        self._skip = 0
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass replay ``epoch`` from batch ``batches_done`` on."""
+        self.position.epoch, self._skip, self._started = epoch, batches_done, False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        skip = 0
-        if self._resume is not None:
-            self.position.epoch = self._resume["epoch"] + int(self._resume["pass_complete"])
-            skip = 0 if self._resume["pass_complete"] else self._resume["batches_served"]
-            self._resume = None
-        elif self._started:
+        if self._started:
             self.position.epoch += 1
         self._started = True
-        self.batches_served, self.pass_complete = 0, False
+        skip, self._skip = self._skip, 0
         for index, batch in enumerate(super().__iter__()):
             if index >= skip:
-                self.batches_served = index + 1
                 yield batch
-        self.pass_complete = True
-
-    def state_dict(self) -> dict[str, int]:
-        return {
-            "epoch": self.position.epoch,
-            "batches_served": self.batches_served,
-            "pass_complete": self.pass_complete,
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = dict(state)
 
 
 def build_pipeline(
@@ -412,6 +396,8 @@ class ShardDataModule(L.LightningDataModule):
         """Samples skipped so far, by reason, summed over workers (updated as batches arrive)."""
         self.num_truncated = 0
         self.encoder: SampleEncoder | None = None
+        self._train_loader: EpochDataLoader | None = None
+        self._resume_state: dict[str, int] | None = None
 
     def prepare_data(self) -> None:
         # Runs once per node before setup: the embedded default works from a fresh clone.
@@ -504,7 +490,25 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> EpochDataLoader:
         if self.train_shards is None:
             raise ValueError("data.train_shards is not set.")
-        return self._loader(self.train_shards, train=True)
+        self._train_loader = self._loader(self.train_shards, train=True)
+        if self._resume_state:
+            self._train_loader.resume(self._resume_state["epoch"], self._resume_state["batches_done"])
+            self._resume_state = None
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, int]:
+        # Saved in checkpoints. Lightning's own progress counts the batches trained on; the loader
+        # cannot, because the fit loop fetches one batch ahead.
+        if self._train_loader is None or self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        epoch, done = self._train_loader.position.epoch, progress.current.processed
+        if progress.is_last_batch:
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_state = dict(state) or None
 
     def val_dataloader(self) -> EpochDataLoader | list:
         return [] if self.val_shards is None else self._loader(self.val_shards, train=False)

@@ -1,0 +1,191 @@
+"""The LightningModule every objective shares: backbone, optimisation, logging and lean checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from dress_lightning.models import VisionLanguageConfig, build_tokenizer, build_vision_language_model, count_parameters
+from dress_lightning.tasks.losses import masked_lm_loss
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the language model (via peft); the LM's own weights stay frozen."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator (effective scale alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Names of the LM's linear layers that get adapters (Llama / Qwen2 naming)."""
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+
+class VisionLanguageTask(L.LightningModule):
+    """Builds the backbone from a plain config in ``configure_model`` and trains it with a masked LM loss.
+
+    Subclasses choose what trains (``configure_trainable``) and may override ``compute_loss``.
+    Checkpoints hold only what trains plus resized embeddings; loading is non-strict by design,
+    the rest is rebuilt from the config (pretrained weights or seeded random init).
+    """
+
+    def __init__(
+        self,
+        model: VisionLanguageConfig | None = None,
+        lora: LoraSettings | None = None,
+        init_checkpoint: str | None = None,
+        optimizer: OptimizerCallable = _default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        """
+        Args:
+            model: What to build (vision tower, projector, language model, freeze flags).
+            lora: LoRA adapters on the language model; None trains the LM as its freeze flag says.
+            init_checkpoint: A checkpoint of an earlier stage (e.g. pretraining) to start from; loaded non-strictly.
+            optimizer: Optimizer over the trainable parameters (YAML: ``class_path: torch.optim.AdamW``).
+            scheduler: Learning-rate scheduler, stepped every optimizer step.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model_config = model or VisionLanguageConfig()
+        self.lora = lora
+        self.init_checkpoint = init_checkpoint
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.strict_loading = False
+        self.model = None
+        self.tokenizer = None
+        self._last_step_time: float | None = None
+
+    # -- building -----------------------------------------------------------------------------
+
+    def configure_trainable(self, config: VisionLanguageConfig) -> VisionLanguageConfig:
+        """The freeze flags this objective trains with (default: the config's own)."""
+        return config
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # called again by trainer.test() after fit
+            return
+        config = self.configure_trainable(self.model_config)
+        self.tokenizer = build_tokenizer(config)
+        self.model = build_vision_language_model(config, self.tokenizer)
+        if self.lora is not None:
+            self._add_lora()
+        if self.init_checkpoint is not None:
+            self._load_init_checkpoint(self.init_checkpoint)
+        if self.device_mesh is not None:
+            self._shard(self.device_mesh)
+        log.info("%s: %s", type(self).__name__, count_parameters(self.model))
+
+    def _add_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        settings = self.lora
+        peft_config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=list(settings.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        self.model.language_model = get_peft_model(self.model.language_model, peft_config)
+
+    def _load_init_checkpoint(self, path: str) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_checkpoint {path!r} does not exist (set model.init_args.init_checkpoint).")
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        missing_trainable = [
+            name for name, p in self.named_parameters() if p.requires_grad and name not in state
+        ]
+        result = self.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(
+                f"init_checkpoint {path!r} holds {len(result.unexpected_keys)} tensor(s) this model does not have "
+                f"(e.g. {result.unexpected_keys[:3]}): was it trained with another model config?"
+            )
+        log.info("Initialised from %s (%d tensors; %d trainable tensors start fresh).",
+                 path, len(state), len(missing_trainable))
+
+    def _shard(self, mesh) -> None:
+        # FSDP2 through Lightning's ModelParallelStrategy: shard each decoder layer, then the rest.
+        from torch.distributed.fsdp import fully_shard
+
+        data_parallel = mesh["data_parallel"]
+        for layer in self.model.language_model.modules():
+            if type(layer).__name__.endswith("DecoderLayer"):
+                fully_shard(layer, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+
+    # -- optimisation -------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(self).__name__} has no trainable parameters: check the freeze flags / lora.")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean next-token loss over the labelled (assistant) tokens of the batch."""
+        logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits  # (B, T, V)
+        return masked_lm_loss(logits, batch["labels"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self._log_throughput(batch)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False, batch_size=batch_size)
+        return loss
+
+    def _log_throughput(self, batch: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            elapsed = now - self._last_step_time
+            tokens = batch["attention_mask"].sum().item() * self.trainer.world_size
+            self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True, batch_size=1)
+        self._last_step_time = now
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Keep what trains, plus embeddings that grew for added tokens (their new rows are not in
+        # any pretrained file); frozen weights come back from the config.
+        keep = {name for name, p in self.named_parameters() if p.requires_grad}
+        if self.model.resized_embeddings:
+            keep |= {name for name, _ in self.named_parameters() if "embed_tokens" in name or "lm_head" in name}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}

@@ -1,0 +1,132 @@
+"""The Lightning CLI end to end on the tiny preset: configs, fit, resume, checkpoints, distributed."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dress_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+MAIN_CONFIGS = [p for p in CONFIGS if p.parent.name == "configs"]
+
+
+def _fit_args(config: str, tmp_path: Path, *extra: str) -> list[str]:
+    shards = tmp_path / "shards"
+    return [
+        "-c", str(ROOT / "configs" / config), "-c", str(ROOT / "configs/overlays/ci_tiny.yaml"),
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(tmp_path / "run"), "--trainer.logger.name", "", "--trainer.logger.version", "0",
+        "--data.init_args.train_shards", str(shards / "train"), "--data.init_args.val_shards", str(shards / "val"),
+        *extra,
+    ]
+
+
+def _subprocess(*args: str, tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "helpers")}
+    result = subprocess.run([sys.executable, "-m", "dress_lightning", *args], capture_output=True, text=True,
+                            timeout=timeout, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _losses(metrics_csv: Path) -> dict[int, float]:
+    with metrics_csv.open() as f:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
+
+
+@pytest.mark.parametrize("config", MAIN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(config, capsys):
+    overlays = [] if config.parent.name == "configs" else ["-c", str(ROOT / "configs/sft.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *overlays, "-c", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: dress_lightning.tasks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overlay", [p for p in CONFIGS if p.parent.name == "overlays"], ids=lambda p: p.name)
+def test_every_overlay_composes_with_sft(overlay, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(ROOT / "configs/sft.yaml"), "-c", str(overlay), "--print_config"])
+    assert exit_info.value.code == 0
+
+
+def test_console_script_prints_the_same_config(tmp_path):
+    args = ["fit", "-c", str(ROOT / "configs/sft.yaml"), "--print_config"]
+    script = Path(sys.executable).parent / "dress-lightning"
+    via_script = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=120)
+    via_module = subprocess.run([sys.executable, "-m", "dress_lightning", *args], capture_output=True, text=True,
+                                timeout=120)
+    assert via_script.returncode == via_module.returncode == 0
+    assert via_script.stdout == via_module.stdout
+
+
+def test_gpu_only_settings_fail_with_what_to_change(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the check only applies on CPU-only machines")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_fit_args("sft.yaml", tmp_path, "--trainer.precision", "16-mixed", "--trainer.strategy", "fsdp")])
+    message = str(exit_info.value.code)
+    assert "precision='16-mixed': use precision: bf16-mixed" in message
+    assert "strategy='fsdp'" in message and "ModelParallelStrategy" in message
+
+
+def test_fit_resumes_mid_epoch_on_the_same_trajectory(tmp_path):
+    """Interrupt after step 3, resume from its checkpoint: steps 4-6 repeat the uninterrupted losses."""
+    ckpt = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.save_top_k=-1",
+            "--trainer.callbacks.dirpath", str(tmp_path / "full" / "ckpt")]
+    main(["fit", *_fit_args("sft.yaml", tmp_path / "full", *ckpt)])
+    full = _losses(tmp_path / "full" / "run" / "version_0" / "metrics.csv")
+    assert sorted(full) == list(range(6)), full  # CSVLogger counts steps from 0
+
+    step3 = tmp_path / "full" / "ckpt" / "epoch=0-step=3.ckpt"
+    state = torch.load(step3, weights_only=False)
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir).mkdir()
+    os.symlink(tmp_path / "full" / "shards", resumed_dir / "shards")  # same shards, no regeneration
+    main(["fit", *_fit_args("sft.yaml", resumed_dir), "--ckpt_path", str(step3)])
+    resumed = _losses(resumed_dir / "run" / "version_0" / "metrics.csv")
+
+    assert sorted(resumed) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), (step, resumed, full)
+    # The checkpoint holds what trains: no frozen vision tower weights.
+    assert not any(key.startswith("model.vision.") for key in state["state_dict"])
+    assert any(key.startswith("model.projector.") for key in state["state_dict"])
+
+
+def test_lora_sft_checkpoint_holds_only_adapters_and_projector(tmp_path):
+    main(["fit", *_fit_args("sft.yaml", tmp_path, "--model.init_args.lora.r", "4", "--trainer.max_steps", "2",
+                            "--trainer.val_check_interval", "2")])
+    ckpt = next((tmp_path / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
+    keys = torch.load(ckpt, weights_only=False)["state_dict"].keys()
+    assert keys and all("lora_" in k or k.startswith("model.projector.") for k in keys), sorted(keys)[:5]
+    assert any("lora_A" in k for k in keys)
+
+
+def test_pretrain_trains_the_projector_only(tmp_path):
+    main(["fit", *_fit_args("pretrain.yaml", tmp_path, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
+    ckpt = next((tmp_path / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
+    keys = torch.load(ckpt, weights_only=False)["state_dict"].keys()
+    assert keys and all(k.startswith("model.projector.") for k in keys)
+
+
+@pytest.mark.parametrize("overlay", ["ddp_cpu.yaml", "fsdp_cpu.yaml"])
+def test_distributed_strategies_read_different_shards(tmp_path, overlay):
+    args = _fit_args("sft.yaml", tmp_path, "-c", str(ROOT / "configs/overlays" / overlay),
+                     "--trainer.callbacks+=record_batches.RecordBatchIds", "--trainer.max_steps", "3",
+                     "--trainer.limit_val_batches", "0")
+    _subprocess("fit", *args, tmp_path=tmp_path)
+    per_rank = [json.loads((tmp_path / "run" / f"batches-rank{r}.json").read_text()) for r in range(2)]
+    assert all(len(batches) == 3 for batches in per_rank)
+    seen = [{i for batch in batches for i in batch} for batches in per_rank]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert (tmp_path / "run" / "version_0" / "metrics.csv").exists()
