@@ -59,6 +59,10 @@ class SampleEncoder:
         """Condition text per assistant turn; plain SFT has none (conditional RL overrides this)."""
         return None
 
+    def collate(self, examples: Sequence[dict[str, Any]], pad_to_multiple_of: int = 1) -> dict[str, Any]:
+        """Batch encoded examples (right padding for training)."""
+        return collate(examples, self.formatter.tokenizer.pad_token_id, pad_to_multiple_of)
+
     def __call__(self, sample: Sample) -> dict[str, Any]:
         encoded = self.formatter.encode(sample.record["conversation"], self.conditions(sample))
         with Image.open(io.BytesIO(sample.image)) as image:
@@ -95,6 +99,42 @@ class CaptionEncoder(SampleEncoder):
             record={**sample.record, "conversation": conversation}, image=sample.image, image_ext=sample.image_ext
         )
         return super().__call__(caption_sample)
+
+
+class PromptEncoder(SampleEncoder):
+    """Generation prompts: the conversation up to its first user turn, left-padded in batches.
+
+    The sample itself travels with the prompt so that judges and writers downstream see the
+    annotations and the image.
+    """
+
+    def __init__(self, formatter: ConversationFormatter, image_transform: Callable, condition: str | None = None):
+        super().__init__(formatter, image_transform)
+        self.condition = condition
+
+    def __call__(self, sample: Sample) -> dict[str, Any]:
+        prompt = self.formatter.encode_prompt(sample.record["conversation"][:1], self.condition)
+        with Image.open(io.BytesIO(sample.image)) as image:
+            pixel_values = self.image_transform(image.convert("RGB"))
+        return {"id": sample.record["id"], "input_ids": torch.tensor(prompt), "pixel_values": pixel_values,
+                "sample": sample}
+
+    def collate(self, examples: Sequence[dict[str, Any]], pad_to_multiple_of: int = 1) -> dict[str, Any]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), longest), self.formatter.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[row, longest - n :] = example["input_ids"]  # left padding: generation appends on the right
+            attention_mask[row, longest - n :] = 1
+        return {
+            "input_ids": input_ids,  # (B, T)
+            "attention_mask": attention_mask,  # (B, T)
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),  # (B, 3, H, W)
+            "ids": [e["id"] for e in examples],
+            "samples": [e["sample"] for e in examples],
+            "stop_token_ids": self.formatter.stop_token_ids,
+        }
 
 
 ENCODERS: dict[str, type[SampleEncoder]] = {"conversation": SampleEncoder, "caption": CaptionEncoder}
@@ -290,7 +330,6 @@ def build_pipeline(
     position: StreamPosition,
     *,
     batch_size: int,
-    pad_token_id: int,
     shuffle: bool,
     shuffle_buffer: int = 1000,
     resampled: bool = False,
@@ -313,7 +352,7 @@ def build_pipeline(
         lambda src: batch_examples(
             src,
             batch_size,
-            lambda examples: collate(examples, pad_token_id, pad_to_multiple_of),
+            lambda examples: encoder.collate(examples, pad_to_multiple_of),
             skips,
             position,
             group_by_length,
@@ -332,6 +371,8 @@ class ShardDataModule(L.LightningDataModule):
         self,
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
+        predict_shards: str | list[str] | None = None,
+        predict_condition: str | None = None,
         model: VisionLanguageConfig | None = None,
         batch_size: int = 8,
         num_workers: int = 2,
@@ -354,6 +395,8 @@ class ShardDataModule(L.LightningDataModule):
             train_shards: Training shards: a directory of ``.tar`` files, a brace pattern
                 (``data/shards/train-{000000..000009}.tar``), a URL (``pipe:aws s3 cp ... -``) or a list of these.
             val_shards: Validation shards, same forms; read in order, every sample once.
+            predict_shards: Prompt shards for ``predict`` / rollouts: the first user turn of each sample.
+            predict_condition: Feedback condition text prepended to every generated response (None: no condition).
             model: The model config; its tokenizer and vision transform shape the batches (linked from the model).
             batch_size: Samples per batch on each rank.
             num_workers: DataLoader worker processes per rank.
@@ -376,6 +419,8 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("resampled=True streams forever: set data.epoch_length (samples per epoch, all ranks).")
         self.train_shards = train_shards
         self.val_shards = val_shards
+        self.predict_shards = predict_shards
+        self.predict_condition = predict_condition
         self.model_config = model or VisionLanguageConfig()
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -453,9 +498,10 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, shards: str | list[str], train: bool) -> EpochDataLoader:
+    def _loader(self, shards: str | list[str], train: bool, encoder: SampleEncoder | None = None) -> EpochDataLoader:
         if self.encoder is None:
             self.setup()
+        encoder = encoder or self.encoder
         urls = expand_shard_urls([shards] if isinstance(shards, str) else shards)
         if not urls:
             raise ValueError(f"No shards found for {shards!r}.")
@@ -474,10 +520,9 @@ class ShardDataModule(L.LightningDataModule):
         position = StreamPosition(rank=rank, world_size=world_size, seed=self.seed)
         pipeline = build_pipeline(
             urls,
-            self.encoder,
+            encoder,
             position,
             batch_size=self.batch_size,
-            pad_token_id=self.encoder.formatter.tokenizer.pad_token_id,
             shuffle=train,
             shuffle_buffer=self.shuffle_buffer,
             resampled=resampled,
@@ -512,6 +557,13 @@ class ShardDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> EpochDataLoader | list:
         return [] if self.val_shards is None else self._loader(self.val_shards, train=False)
+
+    def predict_dataloader(self) -> EpochDataLoader:
+        """Generation prompts (first user turn of each sample), every sample once, split over ranks."""
+        if self.predict_shards is None:
+            raise ValueError("data.predict_shards is not set.")
+        encoder = PromptEncoder(self.encoder.formatter, self.encoder.image_transform, self.predict_condition)
+        return self._loader(self.predict_shards, train=False, encoder=encoder)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # Worker-side counts travel with the batches; sum them here so nothing is skipped silently.

@@ -1,6 +1,6 @@
 """LightningModules: one per training objective, sharing the backbone and the base task."""
 
-from dress_lightning.tasks.base import LoraSettings, VisionLanguageTask
+from dress_lightning.tasks.base import GenerationSettings, LoraSettings, VisionLanguageTask
 from dress_lightning.tasks.sft import PretrainTask, SFTTask
 
-__all__ = ["LoraSettings", "PretrainTask", "SFTTask", "VisionLanguageTask"]
+__all__ = ["GenerationSettings", "LoraSettings", "PretrainTask", "SFTTask", "VisionLanguageTask"]

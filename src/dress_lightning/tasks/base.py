@@ -36,6 +36,22 @@ class LoraSettings:
     """Names of the LM's linear layers that get adapters (Llama / Qwen2 naming)."""
 
 
+@dataclass
+class GenerationSettings:
+    """Decoding for ``predict`` and rollouts (recorded as provenance in everything generated)."""
+
+    max_new_tokens: int = 96
+    """Longest response in tokens."""
+    do_sample: bool = False
+    """Sample (True) or greedy decode (False)."""
+    temperature: float = 1.0
+    """Softmax temperature when sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling mass when sampling."""
+    num_samples: int = 1
+    """Responses per prompt (rollouts sample several)."""
+
+
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
 
@@ -53,6 +69,7 @@ class VisionLanguageTask(L.LightningModule):
         model: VisionLanguageConfig | None = None,
         lora: LoraSettings | None = None,
         init_checkpoint: str | None = None,
+        generation: GenerationSettings | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -61,6 +78,7 @@ class VisionLanguageTask(L.LightningModule):
             model: What to build (vision tower, projector, language model, freeze flags).
             lora: LoRA adapters on the language model; None trains the LM as its freeze flag says.
             init_checkpoint: A checkpoint of an earlier stage (e.g. pretraining) to start from; loaded non-strictly.
+            generation: Decoding settings of ``predict`` (and rollouts).
             optimizer: Optimizer over the trainable parameters (YAML: ``class_path: torch.optim.AdamW``).
             scheduler: Learning-rate scheduler, stepped every optimizer step.
         """
@@ -69,6 +87,7 @@ class VisionLanguageTask(L.LightningModule):
         self.model_config = model or VisionLanguageConfig()
         self.lora = lora
         self.init_checkpoint = init_checkpoint
+        self.generation = generation or GenerationSettings()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.strict_loading = False
@@ -179,6 +198,29 @@ class VisionLanguageTask(L.LightningModule):
         loss = self.compute_loss(batch)
         self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def generate(self, batch: dict[str, Any], settings: GenerationSettings | None = None) -> list[list[str]]:
+        """Responses for a left-padded prompt batch: ``settings.num_samples`` strings per prompt."""
+        settings = settings or self.generation
+        n = settings.num_samples
+        tokens = self.model.generate(
+            batch["input_ids"].repeat_interleave(n, dim=0),
+            batch["attention_mask"].repeat_interleave(n, dim=0),
+            batch["pixel_values"].repeat_interleave(n, dim=0),
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            eos_token_id=batch["stop_token_ids"],
+        )  # (B * n, T_new)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return [texts[i * n : (i + 1) * n] for i in range(len(batch["ids"]))]
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        return [
+            {"id": sample_id, "responses": responses}
+            for sample_id, responses in zip(batch["ids"], self.generate(batch))
+        ]
 
     # -- checkpoints --------------------------------------------------------------------------
 
