@@ -37,7 +37,7 @@ from dress_lightning.conversation import (
     TemplateName,
 )
 from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample
-from dress_lightning.data.shards import expand_shard_urls
+from dress_lightning.data.shards import SkipRecord, expand_shard_urls
 from dress_lightning.models.factory import VisionLanguageConfig, build_tokenizer
 from dress_lightning.models.vision import describe_vision_tower
 from dress_lightning.special_tokens import IMAGE_TOKEN
@@ -108,11 +108,20 @@ class PromptEncoder(SampleEncoder):
     annotations and the image.
     """
 
-    def __init__(self, formatter: ConversationFormatter, image_transform: Callable, condition: str | None = None):
+    def __init__(
+        self,
+        formatter: ConversationFormatter,
+        image_transform: Callable,
+        condition: str | None = None,
+        exclude_ids: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(formatter, image_transform)
         self.condition = condition
+        self.exclude_ids = exclude_ids
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
+        if sample.record["id"] in self.exclude_ids:
+            raise SkipRecord("already done")
         prompt = self.formatter.encode_prompt(sample.record["conversation"][:1], self.condition)
         with Image.open(io.BytesIO(sample.image)) as image:
             pixel_values = self.image_transform(image.convert("RGB"))
@@ -249,6 +258,8 @@ def encode_samples(src: Iterable[dict], encoder: SampleEncoder, skips: SkipCount
             skips.counts["conversation refused"] += 1
         except (UnidentifiedImageError, OSError):
             skips.counts["unreadable image"] += 1
+        except SkipRecord as skip:
+            skips.counts[skip.reason] += 1
 
 
 def batch_examples(
@@ -389,6 +400,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         train_shapeworld: ShapeWorldShards | None = None,
         val_shapeworld: ShapeWorldShards | None = None,
+        predict_shapeworld: ShapeWorldShards | None = None,
     ) -> None:
         """
         Args:
@@ -413,6 +425,7 @@ class ShardDataModule(L.LightningDataModule):
             seed: Base seed of shard order, sample shuffle and resampling.
             train_shapeworld: Generate ShapeWorld shards into ``train_shards`` (a directory) if it has none.
             val_shapeworld: Generate ShapeWorld shards into ``val_shards`` (a directory) if it has none.
+            predict_shapeworld: Generate ShapeWorld shards into ``predict_shards`` (a directory) if it has none.
         """
         super().__init__()
         if resampled and not epoch_length:
@@ -437,18 +450,25 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_shapeworld = train_shapeworld
         self.val_shapeworld = val_shapeworld
+        self.predict_shapeworld = predict_shapeworld
         self.skipped: Counter = Counter()
         """Samples skipped so far, by reason, summed over workers (updated as batches arrive)."""
         self.num_truncated = 0
         self.encoder: SampleEncoder | None = None
         self._train_loader: EpochDataLoader | None = None
+        self.exclude_prompt_ids: set[str] = set()
+        """Prompt ids ``predict`` skips (set by resumable jobs such as rollouts)."""
         self._resume_state: dict[str, int] | None = None
 
     def prepare_data(self) -> None:
         # Runs once per node before setup: the embedded default works from a fresh clone.
         from dress_lightning.data.commands import main as data_main
 
-        for shards, spec in ((self.train_shards, self.train_shapeworld), (self.val_shards, self.val_shapeworld)):
+        for shards, spec in (
+            (self.train_shards, self.train_shapeworld),
+            (self.val_shards, self.val_shapeworld),
+            (self.predict_shards, self.predict_shapeworld),
+        ):
             if spec is None:
                 continue
             if not isinstance(shards, str) or "{" in shards or ":" in shards:
@@ -562,7 +582,8 @@ class ShardDataModule(L.LightningDataModule):
         """Generation prompts (first user turn of each sample), every sample once, split over ranks."""
         if self.predict_shards is None:
             raise ValueError("data.predict_shards is not set.")
-        encoder = PromptEncoder(self.encoder.formatter, self.encoder.image_transform, self.predict_condition)
+        encoder = PromptEncoder(self.encoder.formatter, self.encoder.image_transform, self.predict_condition,
+                                frozenset(self.exclude_prompt_ids))
         return self._loader(self.predict_shards, train=False, encoder=encoder)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
