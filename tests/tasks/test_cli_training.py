@@ -25,6 +25,7 @@ def _fit_args(config: str, tmp_path: Path, *extra: str) -> list[str]:
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
         "--trainer.logger.save_dir", str(tmp_path / "run"), "--trainer.logger.name", "", "--trainer.logger.version", "0",
         "--data.init_args.train_shards", str(shards / "train"), "--data.init_args.val_shards", str(shards / "val"),
+        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "run" / "checkpoints"),  # the YAML's ModelCheckpoint
         *extra,
     ]
 
@@ -106,7 +107,7 @@ def test_fit_resumes_mid_epoch_on_the_same_trajectory(tmp_path):
 def test_lora_sft_checkpoint_holds_only_adapters_and_projector(tmp_path):
     main(["fit", *_fit_args("sft.yaml", tmp_path, "--model.init_args.lora.r", "4", "--trainer.max_steps", "2",
                             "--trainer.val_check_interval", "2")])
-    ckpt = next((tmp_path / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
     keys = torch.load(ckpt, weights_only=False)["state_dict"].keys()
     assert keys and all("lora_" in k or k.startswith("model.projector.") for k in keys), sorted(keys)[:5]
     assert any("lora_A" in k for k in keys)
@@ -114,7 +115,7 @@ def test_lora_sft_checkpoint_holds_only_adapters_and_projector(tmp_path):
 
 def test_pretrain_trains_the_projector_only(tmp_path):
     main(["fit", *_fit_args("pretrain.yaml", tmp_path, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
-    ckpt = next((tmp_path / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
     keys = torch.load(ckpt, weights_only=False)["state_dict"].keys()
     assert keys and all(k.startswith("model.projector.") for k in keys)
 
@@ -130,3 +131,23 @@ def test_distributed_strategies_read_different_shards(tmp_path, overlay):
     seen = [{i for batch in batches for i in batch} for batches in per_rank]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     assert (tmp_path / "run" / "version_0" / "metrics.csv").exists()
+
+
+def test_load_task_rebuilds_the_trained_model(tmp_path):
+    from dress_lightning.inference import load_task
+    from dress_lightning.tasks import SFTTask
+
+    main(["fit", *_fit_args("sft.yaml", tmp_path, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    trained = torch.load(ckpt, weights_only=False)["state_dict"]
+
+    task = load_task(str(ckpt))
+    assert type(task) is SFTTask and not task.training
+    weights = task.state_dict()
+    for name, tensor in trained.items():
+        torch.testing.assert_close(weights[name], tensor)
+    # Frozen weights come back from the config, identical to a fresh build.
+    fresh = SFTTask()
+    fresh.configure_model()
+    torch.testing.assert_close(weights["model.vision.visual.conv1.weight"],
+                               fresh.state_dict()["model.vision.visual.conv1.weight"])
