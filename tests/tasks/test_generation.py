@@ -21,7 +21,7 @@ def test_prompt_batches_are_left_padded_first_user_turns(prompt_shards):
     batch = next(iter(dm.predict_dataloader()))
     assert (batch["attention_mask"][:, -1] == 1).all()
     for row, sample in enumerate(batch["samples"]):
-        expected = dm.encoder.formatter.encode_prompt(sample.record["conversation"][:1])
+        expected = dm.encoder.formatter.encode_prompt(sample["record"]["conversation"][:1])
         n = int(batch["attention_mask"][row].sum())
         assert batch["input_ids"][row, -n:].tolist() == expected
     assert batch["stop_token_ids"] == [dm.encoder.formatter.tokenizer.eos_token_id]

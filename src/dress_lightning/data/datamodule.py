@@ -141,7 +141,9 @@ class PromptEncoder(SampleEncoder):
             "attention_mask": attention_mask,  # (B, T)
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),  # (B, 3, H, W)
             "ids": [e["id"] for e in examples],
-            "samples": [e["sample"] for e in examples],
+            # Plain dicts: Lightning's device transfer cannot walk frozen dataclasses. Sample(**d) rebuilds one.
+            "samples": [{"record": e["sample"].record, "image": e["sample"].image, "image_ext": e["sample"].image_ext}
+                        for e in examples],
             "stop_token_ids": self.formatter.stop_token_ids,
         }
 
