@@ -1,0 +1,184 @@
+"""The judge interface (DESIGN.md s.5): critique and refinement NLF for one assistant response.
+
+A judge reads the sample's ``annotations``, the ``dialogue`` so far (schema turns ending with the
+user turn being answered; the first may hold the ``<image>`` placeholder) and the ``response``, and
+returns a ``Critique``: a score per aspect on ``SCORE_MIN..SCORE_MAX`` plus text naming the
+problems. ``refine`` writes the refinement NLF: concrete suggestions, phrased as the next user
+message. When a judge cannot give feedback (an LLM answer that does not parse after retries, an
+endpoint that stays down) it raises ``JudgeFailure``; ``critique_many`` returns the failure in
+place of the critique. A failure is never replaced by a default score.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+from dress_lightning.data.schema import ASPECTS, Feedback, Turn
+from dress_lightning.data.schema import Judge as JudgeRecord
+from dress_lightning.data.shapeworld import reference_answer
+from dress_lightning.special_tokens import IMAGE_TOKEN
+
+SCORE_MIN = 1.0
+"""Lowest score: the response fails the aspect completely."""
+
+SCORE_MAX = 10.0
+"""Highest score: no problem at all on the aspect (``Feedback.score_max``)."""
+
+_SHAPEWORLD_ATTRIBUTES = ("shape", "color", "size", "position")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Critique:
+    """Critique NLF: a score per aspect on ``SCORE_MIN..SCORE_MAX`` and text naming the problems."""
+
+    scores: dict[str, float]
+    text: str
+
+    def __post_init__(self) -> None:
+        unknown = set(self.scores) - set(ASPECTS)
+        if unknown:
+            raise ValueError(f"unknown aspect(s) {sorted(unknown)}; valid aspects: {', '.join(ASPECTS)}")
+        outside = {a: s for a, s in self.scores.items() if not SCORE_MIN <= s <= SCORE_MAX}
+        if outside:
+            raise ValueError(f"scores {outside} are outside [{SCORE_MIN:g}, {SCORE_MAX:g}]")
+
+
+class JudgeFailure(Exception):
+    """A judge could not produce feedback; recorded as such, never replaced by a default score."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JudgeItem(NamedTuple):
+    """What a critique needs: annotations, the dialogue up to the user turn answered, the response."""
+
+    annotations: Mapping[str, Any]
+    dialogue: Sequence[Turn]
+    response: str
+
+
+class RefineItem(NamedTuple):
+    """What a refinement needs: a ``JudgeItem`` plus the critique the response received."""
+
+    annotations: Mapping[str, Any]
+    dialogue: Sequence[Turn]
+    response: str
+    critique: Critique
+
+
+class Counters:
+    """Thread-safe named counters (calls, cache hits, retries, failures...)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Increase counter ``name`` by ``n``."""
+        with self._lock:
+            self._counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        """A copy of all counters."""
+        with self._lock:
+            return dict(self._counts)
+
+
+class Judge(ABC):
+    """Writes critique and refinement NLF; ``name`` and ``version`` go into every feedback entry."""
+
+    name: str
+    version: str
+    max_concurrency: int = 1
+    """Items ``critique_many``/``refine_many`` judge at once (threads; 1: one after another)."""
+
+    def __init__(self) -> None:
+        self.counters = Counters()
+
+    @abstractmethod
+    def critique(self, annotations: Mapping[str, Any], dialogue: Sequence[Turn], response: str) -> Critique:
+        """Score ``response`` per aspect and name its problems; raise ``JudgeFailure`` if impossible."""
+
+    @abstractmethod
+    def refine(
+        self, annotations: Mapping[str, Any], dialogue: Sequence[Turn], response: str, critique: Critique
+    ) -> str:
+        """Suggest concretely how to improve ``response``, as the next user message."""
+
+    def critique_many(self, items: Sequence[JudgeItem | tuple]) -> list[Critique | JudgeFailure]:
+        """Critique many ``(annotations, dialogue, response)`` items; failures are returned in place."""
+        return self._map(lambda item: self.critique(*item), items)
+
+    def refine_many(self, items: Sequence[RefineItem | tuple]) -> list[str | JudgeFailure]:
+        """Refine many ``(annotations, dialogue, response, critique)`` items; failures are returned in place."""
+        return self._map(lambda item: self.refine(*item), items)
+
+    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R | JudgeFailure]:
+        """Apply ``fn`` to every item, in order, ``max_concurrency`` at a time; a ``JudgeFailure`` becomes a result."""
+
+        def capture(item: T) -> R | JudgeFailure:
+            try:
+                return fn(item)
+            except JudgeFailure as failure:
+                return failure
+
+        if self.max_concurrency <= 1 or len(items) <= 1:
+            return [capture(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
+            return list(pool.map(capture, items))
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this judge (calls, cache_hits, retries, failures, ...) since it was built."""
+        return self.counters.snapshot()
+
+
+def to_feedback(critique: Critique, judge: Judge, refinement: str | None = None) -> Feedback:
+    """The schema ``Feedback`` entry of a critique (and its refinement), recording the judge."""
+    return Feedback(
+        scores=dict(critique.scores),
+        score_max=SCORE_MAX,
+        critique=critique.text,
+        refinement=refinement,
+        judge=JudgeRecord(name=judge.name, version=judge.version),
+    )
+
+
+def strip_image_token(text: str) -> str:
+    """Turn text without the ``<image>`` placeholder (and the line break after it), for prompts."""
+    return text.replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "").strip()
+
+
+def query_for_turn(annotations: Mapping[str, Any], dialogue: Sequence[Turn]) -> dict[str, Any] | None:
+    """The structured query of the user turn answered (the last of ``dialogue``), else the first query.
+
+    Entry ``i`` of ``annotations["queries"]`` describes user turn ``i``; a later user turn without
+    one (a refinement NLF turn) still asks about the first question, so it falls back to entry 0.
+    """
+    queries = annotations.get("queries") or []
+    index = sum(turn["role"] == "user" for turn in dialogue) - 1
+    if 0 <= index < len(queries) and queries[index] is not None:
+        return queries[index]
+    return queries[0] if queries else None
+
+
+def is_shapeworld(objects: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the objects carry ShapeWorld's full attributes (shape, colour, size, position)."""
+    return bool(objects) and all(all(key in obj for key in _SHAPEWORLD_ATTRIBUTES) for obj in objects)
+
+
+def reference_for_turn(annotations: Mapping[str, Any], dialogue: Sequence[Turn]) -> str | None:
+    """The ideal answer to the user turn answered, when the annotations determine one (ShapeWorld)."""
+    query = query_for_turn(annotations, dialogue)
+    objects = annotations.get("objects", [])
+    return reference_answer(query, objects) if query is not None and is_shapeworld(objects) else None
