@@ -15,12 +15,19 @@ commands:
   fit, validate, test, predict
             Lightning CLI: `fit -c configs/sft.yaml` (several -c compose; --print_config shows the result)
   data      build, convert and inspect WebDataset shards (shapeworld, convert-*, inspect)
+  feedback  NLF data engine: `feedback rollout -c configs/rollout.yaml` (rollouts, judges, refinement)
 
 Run `dress-lightning COMMAND --help` for the options of a command."""
 
 
 def _data_main(argv: Sequence[str]) -> int:
     from dress_lightning.data.commands import main
+
+    return main(argv)
+
+
+def _feedback_main(argv: Sequence[str]) -> int:
+    from dress_lightning.feedback.commands import main
 
     return main(argv)
 
@@ -37,6 +44,7 @@ def _lightning_main(subcommand: str) -> Callable[[Sequence[str]], int]:
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **{name: _lightning_main(name) for name in ("fit", "validate", "test", "predict")},
     "data": _data_main,
+    "feedback": _feedback_main,
 }
 
 

@@ -1,0 +1,84 @@
+"""The NLF data engine end to end: a tiny policy, ShapeWorld prompts, the annotation judge, K = 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dress_lightning.cli import main
+from dress_lightning.data.datamodule import ShardDataModule
+from dress_lightning.data.schema import ASPECTS
+from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = 4
+NUM_SAMPLES = 2
+
+
+@pytest.fixture(scope="module")
+def policy_checkpoint(tmp_path_factory):
+    """A policy trained for a few steps through the real CLI (its answers are poor: refinements happen)."""
+    tmp = tmp_path_factory.mktemp("policy")
+    main(["fit", "-c", str(ROOT / "configs/sft.yaml"), "-c", str(ROOT / "configs/overlays/ci_tiny.yaml"),
+          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+          "--trainer.default_root_dir", str(tmp), "--trainer.logger", "false",
+          "--trainer.callbacks.init_args.dirpath", str(tmp / "checkpoints"),
+          "--data.init_args.train_shards", str(tmp / "train"), "--data.init_args.val_shards", str(tmp / "val")])
+    return tmp / "checkpoints" / "last.ckpt"
+
+
+def _rollout(checkpoint, tmp_path, *extra):
+    args = ["feedback", "rollout", "-c", str(ROOT / "configs/rollout.yaml"), "--checkpoint", str(checkpoint),
+            "--train_config_if_missing", "null", "--prompts", str(tmp_path / "prompts"),
+            "--prompts_shapeworld.samples", "8", "--prompts_shapeworld.shard_size", "4",
+            "--out", str(tmp_path / "nlf"), "--samples", str(PROMPTS), "--batch_size", "2", "--num_workers", "0",
+            "--generation.max_new_tokens", "12", "--generation.num_samples", str(NUM_SAMPLES), *extra]
+    assert main(args) == 0
+    return json.loads((tmp_path / "nlf" / "summary.json").read_text())
+
+
+def test_rollout_writes_refinement_trajectories_with_feedback(policy_checkpoint, tmp_path):
+    summary = _rollout(policy_checkpoint, tmp_path)
+    assert summary["samples"] == PROMPTS * NUM_SAMPLES
+    assert summary["judge"]["name"] and summary["judge_failures"] == 0
+    assert set(summary["mean_score_fraction"]["turn0"]) == set(ASPECTS)
+
+    samples = list(iter_samples(expand_shard_urls([str(tmp_path / "nlf")]), SkipLog()))
+    assert len(samples) == PROMPTS * NUM_SAMPLES
+    for sample in samples:
+        record = sample.record
+        turns = record["conversation"]
+        assistant_turns = [t for t in turns if t["role"] == "assistant"]
+        assert len(record["feedback"]) == len(assistant_turns) <= 1 + 2  # K = 2 refinement turns at most
+        assert record["source"] == "rollout"
+        for k, feedback in enumerate(record["feedback"]):
+            assert set(feedback["scores"]) == set(ASPECTS)
+            assert feedback["judge"] == {"name": summary["judge"]["name"], "version": summary["judge"]["version"]}
+            if k + 1 < len(assistant_turns):
+                # The refinement NLF became the next user turn.
+                assert turns[2 * k + 2] == {"role": "user", "content": feedback["refinement"]}
+        provenance = record["provenance"]
+        assert provenance["checkpoint"] == str(policy_checkpoint)
+        assert provenance["generation"]["num_samples"] == NUM_SAMPLES and provenance["seed"] == 0
+    assert any(len(s.record["feedback"]) > 1 for s in samples), "a barely trained policy must get refinements"
+
+    # Readable by `data inspect` and by the DataModule.
+    inspect = subprocess.run([sys.executable, "-m", "dress_lightning", "data", "inspect", str(tmp_path / "nlf"),
+                              "--json"], capture_output=True, text=True, timeout=120)
+    report = json.loads(inspect.stdout)
+    assert report["samples"] == PROMPTS * NUM_SAMPLES and report["feedback_turns"] >= PROMPTS * NUM_SAMPLES
+    dm = ShardDataModule(val_shards=str(tmp_path / "nlf"), batch_size=4, num_workers=0)
+    assert sum(len(b["ids"]) for b in dm.val_dataloader()) == PROMPTS * NUM_SAMPLES
+
+
+def test_rerun_resumes_without_repeating_prompts(policy_checkpoint, tmp_path):
+    first = _rollout(policy_checkpoint, tmp_path, "--samples", "2")
+    assert first["samples"] == 2 * NUM_SAMPLES
+    resumed = _rollout(policy_checkpoint, tmp_path)  # --samples 4: only the 2 missing prompts
+    assert resumed["samples"] == 2 * NUM_SAMPLES and resumed["skipped_prompts"]["already done"] == 2
+    samples = list(iter_samples(expand_shard_urls([str(tmp_path / "nlf")]), SkipLog()))
+    prompts = [s.record["provenance"]["prompt_id"] for s in samples]
+    assert len(set(prompts)) == PROMPTS and len(prompts) == PROMPTS * NUM_SAMPLES
+    assert _rollout(policy_checkpoint, tmp_path)["samples"] == 0  # nothing left to do
