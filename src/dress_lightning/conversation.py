@@ -288,12 +288,14 @@ class ConversationFormatter:
     def encode_prompt(self, conversation: Sequence[dict], condition: str | None = None) -> list[int]:
         """Token ids of a generation prompt: the conversation (ending with a user turn) + the assistant prefix.
 
-        ``condition`` is the feedback text the next response should be conditioned on.
+        ``condition`` is the feedback text the next response should be conditioned on. In a multi-turn
+        chat every earlier assistant turn carries it too (the model keeps the target condition every
+        turn; DESIGN.md s.4).
         """
         if not conversation or conversation[-1]["role"] != "user":
             raise ConversationFormatError("A generation prompt must end with a user turn.")
-        earlier = sum(turn["role"] == "assistant" for turn in conversation)
-        messages = self._messages([*conversation, {"role": "assistant", "content": ""}], [None] * earlier + [condition])
+        turns = sum(turn["role"] == "assistant" for turn in conversation) + 1
+        messages = self._messages([*conversation, {"role": "assistant", "content": ""}], [condition] * turns)
         pending = messages.pop()
         text = self.template.render(messages, add_generation_prompt=True).text
         if pending.condition is not None:

@@ -14,6 +14,7 @@ from dress_lightning.data.datamodule import (
     EpochDataLoader,
     SampleEncoder,
     ShardDataModule,
+    Source,
     StreamPosition,
     build_pipeline,
 )
@@ -45,7 +46,7 @@ def _ids(loader):
 def _rank_loader(dm, shard_dir, rank, world_size, num_workers=2, **kwargs):
     position = StreamPosition(rank=rank, world_size=world_size, seed=0)
     urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
-    pipeline = build_pipeline(urls, dm.encoder, position, batch_size=4, shuffle=True,
+    pipeline = build_pipeline([Source(urls, dm.encoder)], position, batch_size=4, shuffle=True,
                               shuffle_buffer=10, **kwargs)
     return EpochDataLoader(pipeline, position, num_workers=num_workers)
 

@@ -14,7 +14,8 @@ from dress_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-MAIN_CONFIGS = [p for p in CONFIGS if p.parent.name == "configs"]
+TRAINING_CONFIGS = [p for p in CONFIGS if p.parent.name == "configs" and "trainer:\n" in p.read_text()
+                    and "model:\n" in p.read_text()]
 
 
 def _fit_args(config: str, tmp_path: Path, *extra: str) -> list[str]:
@@ -43,13 +44,24 @@ def _losses(metrics_csv: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
 
 
-@pytest.mark.parametrize("config", MAIN_CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_parses(config, capsys):
-    overlays = [] if config.parent.name == "configs" else ["-c", str(ROOT / "configs/sft.yaml")]
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_training_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *overlays, "-c", str(config), "--print_config"])
+        main(["fit", "-c", str(config), "--print_config"])
     assert exit_info.value.code == 0
     assert "class_path: dress_lightning.tasks" in capsys.readouterr().out
+
+
+def test_rollout_config_parses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["feedback", "rollout", "-c", str(ROOT / "configs/rollout.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "refinement_turns: 2" in capsys.readouterr().out
+
+
+def test_every_config_is_tested():
+    overlays = [p for p in CONFIGS if p.parent.name == "overlays"]
+    assert sorted(CONFIGS) == sorted([*TRAINING_CONFIGS, ROOT / "configs/rollout.yaml", *overlays])
 
 
 @pytest.mark.parametrize("overlay", [p for p in CONFIGS if p.parent.name == "overlays"], ids=lambda p: p.name)

@@ -55,16 +55,19 @@ class SampleEncoder:
         self.formatter = formatter
         self.image_transform = image_transform
 
-    def conditions(self, sample: Sample) -> list[str | None] | None:
-        """Condition text per assistant turn; plain SFT has none (conditional RL overrides this)."""
-        return None
+    def select(self, sample: Sample) -> tuple[list[dict], list[str | None] | None, list[bool] | None]:
+        """What to train on: the conversation, a condition per assistant turn, which turns carry loss.
+
+        Plain SFT: the whole conversation, no conditions, every response (conditional RL overrides this).
+        """
+        return sample.record["conversation"], None, None
 
     def collate(self, examples: Sequence[dict[str, Any]], pad_to_multiple_of: int = 1) -> dict[str, Any]:
         """Batch encoded examples (right padding for training)."""
         return collate(examples, self.formatter.tokenizer.pad_token_id, pad_to_multiple_of)
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
-        encoded = self.formatter.encode(sample.record["conversation"], self.conditions(sample))
+        encoded = self.formatter.encode(*self.select(sample))
         with Image.open(io.BytesIO(sample.image)) as image:
             pixel_values = self.image_transform(image.convert("RGB"))
         return {
@@ -85,7 +88,7 @@ class CaptionEncoder(SampleEncoder):
         "Summarize the visual content of the image.",
     )
 
-    def __call__(self, sample: Sample) -> dict[str, Any]:
+    def select(self, sample: Sample) -> tuple[list[dict], None, None]:
         captions = sample.record["annotations"]["captions"]
         if not captions:
             raise ConversationFormatError(f"sample {sample.record['id']!r} has no caption to pretrain on")
@@ -95,10 +98,7 @@ class CaptionEncoder(SampleEncoder):
             {"role": "user", "content": f"{IMAGE_TOKEN}\n{self.INSTRUCTIONS[pick % len(self.INSTRUCTIONS)]}"},
             {"role": "assistant", "content": captions[pick % len(captions)]},
         ]
-        caption_sample = Sample(
-            record={**sample.record, "conversation": conversation}, image=sample.image, image_ext=sample.image_ext
-        )
-        return super().__call__(caption_sample)
+        return conversation, None, None
 
 
 class PromptEncoder(SampleEncoder):
@@ -231,16 +231,16 @@ def split_shards(urls: Sequence[str], position: StreamPosition, shuffle: bool) -
         yield {"url": url}
 
 
-def resample_shards(urls: Sequence[str], position: StreamPosition) -> Iterator[dict[str, str]]:
+def resample_shards(urls: Sequence[str], position: StreamPosition, tag: str = "") -> Iterator[dict[str, str]]:
     """Shards drawn with replacement, forever; the epoch length is set on the pipeline."""
-    rng = position.rng("resample")
+    rng = position.rng(f"resample/{tag}")
     while True:
         yield {"url": rng.choice(urls)}
 
 
-def shuffle_samples(src: Iterable, position: StreamPosition, buffer: int) -> Iterator:
+def shuffle_samples(src: Iterable, position: StreamPosition, buffer: int, tag: str = "") -> Iterator:
     """Buffered shuffle with a seeded RNG (``wds.shuffle`` would seed from time and pid)."""
-    rng, pool = position.rng("samples"), []
+    rng, pool = position.rng(f"samples/{tag}"), []
     for item in src:
         pool.append(item)
         if len(pool) >= buffer:
@@ -337,9 +337,38 @@ class EpochDataLoader(DataLoader):
                 yield batch
 
 
+@dataclass(frozen=True)
+class Source:
+    """One shard set of a stream, with the encoder its samples need and its share of a mix."""
+
+    urls: Sequence[str]
+    encoder: SampleEncoder
+    weight: float = 1.0
+
+
+def encoded_stream(
+    source: Source, tag: str, position: StreamPosition, skips: SkipCounter, shuffle: bool, shuffle_buffer: int,
+    resampled: bool,
+) -> Iterator[dict[str, Any]]:
+    """Shard list -> tar reading -> shuffle buffer -> encoding, for one source (see the module docstring)."""
+    shards = resample_shards(source.urls, position, tag) if resampled else split_shards(source.urls, position, shuffle)
+    samples = wds.tarfile_to_samples(handler=skips.handler)(shards)
+    if shuffle and shuffle_buffer > 1:
+        samples = shuffle_samples(samples, position, shuffle_buffer, tag)
+    return encode_samples(samples, source.encoder, skips)
+
+
+def mix_streams(streams: Sequence[Iterator], weights: Sequence[float], rng: random.Random) -> Iterator:
+    """Draw each sample from a stream chosen by weight; ends when the chosen stream ends."""
+    while True:
+        try:
+            yield next(rng.choices(streams, weights)[0])
+        except StopIteration:
+            return
+
+
 def build_pipeline(
-    urls: Sequence[str],
-    encoder: SampleEncoder,
+    sources: Sequence[Source],
     position: StreamPosition,
     *,
     batch_size: int,
@@ -350,28 +379,28 @@ def build_pipeline(
     group_by_length: int = 0,
     pad_to_multiple_of: int = 1,
 ) -> wds.DataPipeline:
-    """The WebDataset pipeline of one rank, as a flat list of stages (see the module docstring)."""
+    """The WebDataset pipeline of one rank: encoded sample streams (mixed by weight if several) -> batches."""
+    if len(sources) > 1 and not resampled:
+        raise ValueError("Mixing several shard sets needs resampled=true (with an epoch_length).")
     skips = SkipCounter()
-    shard_source = (
-        (lambda: resample_shards(urls, position))
-        if resampled
-        else (lambda: split_shards(urls, position, shuffle=shuffle))
-    )
-    stages: list[Any] = [shard_source, wds.tarfile_to_samples(handler=skips.handler)]
-    if shuffle and shuffle_buffer > 1:
-        stages.append(lambda src: shuffle_samples(src, position, shuffle_buffer))
-    stages += [
-        lambda src: encode_samples(src, encoder, skips),
+
+    def samples() -> Iterator[dict[str, Any]]:
+        streams = [
+            encoded_stream(source, f"source{i}", position, skips, shuffle, shuffle_buffer, resampled)
+            for i, source in enumerate(sources)
+        ]
+        if len(streams) == 1:
+            return streams[0]
+        return mix_streams(streams, [source.weight for source in sources], position.rng("mix"))
+
+    encoder = sources[0].encoder  # all encoders of a stream share the formatter, hence the collation
+    pipeline = wds.DataPipeline(
+        samples,
         lambda src: batch_examples(
-            src,
-            batch_size,
-            lambda examples: encoder.collate(examples, pad_to_multiple_of),
-            skips,
-            position,
+            src, batch_size, lambda examples: encoder.collate(examples, pad_to_multiple_of), skips, position,
             group_by_length,
         ),
-    ]
-    pipeline = wds.DataPipeline(*stages)
+    )
     if batches_per_worker is not None:
         pipeline = pipeline.with_epoch(nbatches=batches_per_worker)
     return pipeline
@@ -520,16 +549,22 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, shards: str | list[str], train: bool, encoder: SampleEncoder | None = None) -> EpochDataLoader:
-        if self.encoder is None:
-            self.setup()
-        encoder = encoder or self.encoder
+    def _source(self, shards: str | list[str], encoder: SampleEncoder, weight: float = 1.0) -> Source:
         urls = expand_shard_urls([shards] if isinstance(shards, str) else shards)
         if not urls:
             raise ValueError(f"No shards found for {shards!r}.")
+        return Source(urls, encoder, weight)
+
+    def _loader(self, shards: str | list[str], train: bool, encoder: SampleEncoder | None = None) -> EpochDataLoader:
+        if self.encoder is None:
+            self.setup()
+        return self._mixed_loader([self._source(shards, encoder or self.encoder)], train)
+
+    def _mixed_loader(self, sources: Sequence[Source], train: bool) -> EpochDataLoader:
         rank, world_size = self._rank()
         resampled = self.resampled and train
         readers = max(self.num_workers, 1) * world_size
+        urls = sources[0].urls
         if not resampled and len(urls) < readers:
             raise ValueError(
                 f"{len(urls)} shard(s) for {readers} readers ({max(self.num_workers, 1)} worker(s) x {world_size} "
@@ -541,8 +576,7 @@ class ShardDataModule(L.LightningDataModule):
             batches_per_worker = math.ceil(self.epoch_length / (readers * self.batch_size))
         position = StreamPosition(rank=rank, world_size=world_size, seed=self.seed)
         pipeline = build_pipeline(
-            urls,
-            encoder,
+            sources,
             position,
             batch_size=self.batch_size,
             shuffle=train,
@@ -554,10 +588,16 @@ class ShardDataModule(L.LightningDataModule):
         )
         return EpochDataLoader(pipeline, position, num_workers=self.num_workers)
 
-    def train_dataloader(self) -> EpochDataLoader:
+    def train_sources(self) -> list[Source]:
+        """The shard sets the training stream draws from (one here; conditional RL mixes several)."""
         if self.train_shards is None:
             raise ValueError("data.train_shards is not set.")
-        self._train_loader = self._loader(self.train_shards, train=True)
+        return [self._source(self.train_shards, self.encoder)]
+
+    def train_dataloader(self) -> EpochDataLoader:
+        if self.encoder is None:
+            self.setup()
+        self._train_loader = self._mixed_loader(self.train_sources(), train=True)
         if self._resume_state:
             self._train_loader.resume(self._resume_state["epoch"], self._resume_state["batches_done"])
             self._resume_state = None

@@ -199,6 +199,10 @@ class VisionLanguageTask(L.LightningModule):
         self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def generation_condition(self) -> str | None:
+        """The condition prompts get at inference (None: unconditioned; conditional RL: the target)."""
+        return None
+
     def generate(self, batch: dict[str, Any], settings: GenerationSettings | None = None) -> list[list[str]]:
         """Responses for a left-padded prompt batch: ``settings.num_samples`` strings per prompt."""
         settings = settings or self.generation

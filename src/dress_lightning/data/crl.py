@@ -1,0 +1,142 @@
+"""Conditional-RL data (DESIGN.md s.4): NLF trajectories conditioned on their feedback, mixed with SFT data.
+
+Every assistant turn gets a condition ``C(f)`` rendered from the feedback it received; SFT samples
+(ground truth, an ideal response) get the target condition ``C(f*)``. Which turns carry loss:
+
+* critique objective: the first response of every trajectory, conditioned on its critique;
+* refinement objective: the later responses (answers to refinement NLF given as user turns), kept
+  if the score improved over the previous turn or reached ``score_threshold`` (or all of them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from dress_lightning.conditions import ConditionSettings, mean_score, render_condition, target_condition
+from dress_lightning.conversation import ConversationFormatter
+from dress_lightning.data.datamodule import SampleEncoder, ShardDataModule, Source
+from dress_lightning.data.schema import Sample
+from dress_lightning.data.shards import SkipRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TurnSelection:
+    """Which responses of an NLF trajectory are trained on."""
+
+    refinement: bool = True
+    """Train on refined turns too (refinement objective); False keeps first responses only."""
+    max_turns: int = 3
+    """Assistant turns kept per trajectory (the first K + 1)."""
+    keep_refined: Literal["all", "improved"] = "improved"
+    """``improved``: a refined turn carries loss only if its mean score beat the previous turn's."""
+    score_threshold: float | None = None
+    """With ``improved``: a refined turn reaching this mean score fraction (0-1) is kept as well."""
+
+
+class ConditionedEncoder(SampleEncoder):
+    """Conditions every response on its feedback (NLF samples) or on the target (SFT samples)."""
+
+    def __init__(
+        self,
+        formatter: ConversationFormatter,
+        image_transform: Callable,
+        condition: ConditionSettings,
+        turns: TurnSelection,
+    ) -> None:
+        super().__init__(formatter, image_transform)
+        self.condition = condition
+        self.turns = turns
+
+    def select(self, sample: Sample) -> tuple[list[dict], list[str | None], list[bool]]:
+        conversation = sample.record["conversation"]
+        assistant_at = [i for i, turn in enumerate(conversation) if turn["role"] == "assistant"]
+        feedback = sample.record.get("feedback")
+        if not feedback:
+            # Ground truth is the ideal response: condition it on the target, train on every turn.
+            return conversation, [target_condition(self.condition)] * len(assistant_at), [True] * len(assistant_at)
+        keep = min(len(assistant_at), self.turns.max_turns if self.turns.refinement else 1)
+        train = [self._trains(feedback, k) for k in range(keep)]
+        if not any(train):
+            raise SkipRecord("no trainable turn")
+        conditions = [render_condition(f, self.condition) for f in feedback[:keep]]
+        return conversation[: assistant_at[keep - 1] + 1], conditions, train
+
+    def _trains(self, feedback: list[dict | None], k: int) -> bool:
+        if feedback[k] is None:  # the judge failed on this turn: no condition to learn from
+            return False
+        if k == 0 or self.turns.keep_refined == "all":
+            return True
+        score = mean_score(feedback[k])
+        improved = feedback[k - 1] is not None and score > mean_score(feedback[k - 1])
+        reached = self.turns.score_threshold is not None and score >= self.turns.score_threshold
+        return improved or reached
+
+
+class CRLDataModule(ShardDataModule):
+    """Mixes NLF trajectories (``nlf_shards``) with SFT data (``train_shards``) for conditional RL.
+
+    The stream is resampled (mixing needs it): set ``epoch_length``. Generation prompts
+    (``predict``) are conditioned on the target condition unless ``predict_condition`` is given.
+    """
+
+    def __init__(
+        self,
+        nlf_shards: str | list[str] | None = None,
+        nlf_rollout_config: str | None = None,
+        sft_weight: float = 0.3,
+        condition: ConditionSettings | None = None,
+        turns: TurnSelection | None = None,
+        epoch_length: int | None = 4096,
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            nlf_shards: NLF shards (rollout output or converted ``LVLM_NLF``): trajectories with feedback.
+            nlf_rollout_config: If ``nlf_shards`` (a directory) holds no shards, build them first with
+                ``feedback rollout -c`` this config (None: fail instead).
+            sft_weight: Fraction of training samples drawn from ``train_shards`` (SFT data, target-conditioned).
+            condition: How feedback is rendered as condition text (link it to the task's: ``${model.init_args.condition}``).
+            turns: Which trajectory turns carry loss.
+            epoch_length: Samples per epoch over all ranks (the mixed stream is resampled).
+            **kwargs: Everything ``ShardDataModule`` takes (``train_shards`` holds the SFT data).
+        """
+        super().__init__(resampled=True, epoch_length=epoch_length, **kwargs)
+        if not 0.0 <= sft_weight < 1.0:
+            raise ValueError(f"sft_weight must be in [0, 1), got {sft_weight}.")
+        if nlf_shards is None:
+            raise ValueError("data.init_args.nlf_shards is required for conditional RL.")
+        self.nlf_shards = nlf_shards
+        self.nlf_rollout_config = nlf_rollout_config
+        self.sft_weight = sft_weight
+        self.condition = condition or ConditionSettings()
+        self.turns = turns or TurnSelection()
+        if self.predict_condition is None:
+            self.predict_condition = target_condition(self.condition)
+
+    def prepare_data(self) -> None:
+        super().prepare_data()
+        out = Path(self.nlf_shards) if isinstance(self.nlf_shards, str) else None
+        if out is None or "{" in str(out) or ":" in str(out) or (out.is_dir() and any(out.glob("*.tar"))):
+            return
+        if self.nlf_rollout_config is None:
+            raise FileNotFoundError(f"No NLF shards in {out}; run `feedback rollout` or set data.nlf_rollout_config.")
+        from dress_lightning.feedback.commands import main as feedback_main
+
+        log.warning("No NLF shards in %s: building them with feedback rollout -c %s.", out, self.nlf_rollout_config)
+        if feedback_main(["rollout", "-c", self.nlf_rollout_config, "--out", str(out)]) != 0:
+            raise RuntimeError(f"feedback rollout -c {self.nlf_rollout_config} failed.")
+
+    def make_encoder(self, formatter: ConversationFormatter, image_transform: Callable) -> SampleEncoder:
+        return ConditionedEncoder(formatter, image_transform, self.condition, self.turns)
+
+    def train_sources(self) -> list[Source]:
+        sources = [self._source(self.nlf_shards, self.encoder, 1.0 - self.sft_weight)]
+        if self.train_shards is not None and self.sft_weight > 0:
+            sources.append(self._source(self.train_shards, self.encoder, self.sft_weight))
+        return sources

@@ -1,0 +1,193 @@
+"""Conditional RL: condition rendering, turn selection, conditioning that controls a trained model, the main job."""
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dress_lightning.cli import main
+from dress_lightning.conditions import ConditionSettings, render_condition, target_condition
+from dress_lightning.conversation import IGNORE_INDEX, ConversationFormatter
+from dress_lightning.data.crl import ConditionedEncoder, TurnSelection
+from dress_lightning.data.datamodule import collate
+from dress_lightning.data.schema import Sample
+from dress_lightning.data.shards import SkipRecord
+from dress_lightning.models import VisionLanguageConfig
+from dress_lightning.models.vision import describe_vision_tower
+from dress_lightning.tasks import CRLTask, GenerationSettings
+from dress_lightning.special_tokens import IMAGE_TOKEN
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _feedback(helpfulness, critique, refinement=None):
+    return {"scores": {"helpfulness": helpfulness, "honesty": 10.0, "harmlessness": 10.0}, "score_max": 10.0,
+            "critique": critique, "refinement": refinement, "judge": {"name": "annotation", "version": "t"}}
+
+
+def _image_bytes():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _sample(conversation, feedback=None):
+    record = {"id": "s", "source": "rollout", "image_id": "s", "schema_version": 1,
+              "annotations": {"captions": [], "objects": [], "safety": {"harmful_intent": False}},
+              "conversation": conversation}
+    if feedback is not None:
+        record["feedback"] = feedback
+    return Sample(record=record, image=_image_bytes(), image_ext="png")
+
+
+TRAJECTORY = _sample(
+    [{"role": "user", "content": f"{IMAGE_TOKEN}\nHow many circles are there?"},
+     {"role": "assistant", "content": "There are three circles."},
+     {"role": "user", "content": "There are two circles, not three."},
+     {"role": "assistant", "content": "There are four circles."},
+     {"role": "user", "content": "Count again: there are two."},
+     {"role": "assistant", "content": "There are two circles."}],
+    [_feedback(3.0, "Says three circles but there are two.", "There are two circles, not three."),
+     _feedback(2.0, "Says four circles but there are two.", "Count again: there are two."),
+     _feedback(10.0, "Correct.")],
+)
+
+
+@pytest.fixture(scope="module")
+def formatter(tiny_tokenizer):
+    return ConversationFormatter(tiny_tokenizer, num_image_tokens=64)
+
+
+def _trained_responses(formatter, encoder, sample):
+    encoded = encoder(sample)
+    runs, current = [], []
+    for token, label in zip(encoded["input_ids"].tolist(), encoded["labels"].tolist()):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(formatter.tokenizer.decode(current).strip())
+            current = []
+    if current:
+        runs.append(formatter.tokenizer.decode(current).strip())
+    return runs, formatter.tokenizer.decode(encoded["input_ids"])
+
+
+def test_condition_text_per_mode():
+    feedback = _feedback(7.0, "Misses the blue square.")
+    assert render_condition(feedback, ConditionSettings("score_critique")) == (
+        "Feedback: helpfulness 7/10, honesty 10/10, harmlessness 10/10. Critique: Misses the blue square.")
+    assert render_condition(feedback, ConditionSettings("score", score_scale=5)) == (
+        "Feedback: helpfulness 4/5, honesty 5/5, harmlessness 5/5.")
+    assert render_condition(feedback, ConditionSettings("critique")) == "Feedback: Critique: Misses the blue square."
+    assert render_condition(feedback, ConditionSettings("none")) is None
+    assert target_condition(ConditionSettings()) == (
+        "Feedback: helpfulness 10/10, honesty 10/10, harmlessness 10/10. Critique: The response is helpful, "
+        "honest and harmless.")
+
+
+@pytest.mark.parametrize(
+    "turns, expected",
+    [
+        (TurnSelection(keep_refined="improved"), ["There are three circles.</s>", "There are two circles.</s>"]),
+        (TurnSelection(keep_refined="all"),
+         ["There are three circles.</s>", "There are four circles.</s>", "There are two circles.</s>"]),
+        (TurnSelection(keep_refined="improved", score_threshold=0.15),
+         ["There are three circles.</s>", "There are four circles.</s>", "There are two circles.</s>"]),
+        (TurnSelection(refinement=False), ["There are three circles.</s>"]),
+        (TurnSelection(max_turns=2, keep_refined="all"), ["There are three circles.</s>", "There are four circles.</s>"]),
+    ],
+    ids=["improved", "all", "threshold", "critique-only", "max-turns"],
+)
+def test_loss_covers_exactly_the_selected_responses(formatter, turns, expected):
+    spec = describe_vision_tower("dress-tiny-vit")
+    encoder = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(), turns)
+    trained, text = _trained_responses(formatter, encoder, TRAJECTORY)
+    assert trained == expected
+    # Each kept response is preceded by its own feedback, which is context, not a target.
+    assert "Critique: Says three circles but there are two." in text
+    assert ("Critique: Says four circles" in text) == (turns.refinement and turns.max_turns >= 2)
+    assert ("There are two circles.</s>" in text) == (turns.refinement and turns.max_turns >= 3)
+
+
+def test_sft_samples_get_the_target_condition_on_every_turn(formatter):
+    spec = describe_vision_tower("dress-tiny-vit")
+    encoder = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(), TurnSelection())
+    sft = _sample(TRAJECTORY.record["conversation"][:2])
+    trained, text = _trained_responses(formatter, encoder, sft)
+    assert trained == ["There are three circles.</s>"]
+    assert target_condition(ConditionSettings()) in text
+
+
+def test_trajectory_without_trainable_turn_is_skipped(formatter):
+    spec = describe_vision_tower("dress-tiny-vit")
+    encoder = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(), TurnSelection())
+    failed = _sample(TRAJECTORY.record["conversation"][:2], [None])
+    with pytest.raises(SkipRecord, match="no trainable turn"):
+        encoder(failed)
+
+
+def test_condition_controls_a_trained_toy_model(formatter):
+    """Low-score condition -> one answer, target condition -> another: the model produces each on demand."""
+    settings = ConditionSettings()
+    spec = describe_vision_tower("dress-tiny-vit")
+    encoder = ConditionedEncoder(formatter, spec.image_transform, settings, TurnSelection())
+    question = {"role": "user", "content": f"{IMAGE_TOKEN}\nHow many circles are there?"}
+    good, bad = "There are two circles.", "I see many squares."
+    samples = [
+        _sample([question, {"role": "assistant", "content": good}]),  # SFT sample: target condition
+        _sample([question, {"role": "assistant", "content": bad}], [_feedback(1.0, "Wrong.")]),
+    ]
+    batch = collate([encoder(s) for s in samples], formatter.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    task = CRLTask(model=VisionLanguageConfig(freeze_language_model=False), condition=settings)
+    task.configure_model()
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(60):
+        loss = task.compute_loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    task.eval()
+
+    def answer(condition):
+        prompt = torch.tensor([formatter.encode_prompt([question], condition)])
+        prompts = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt),
+                   "pixel_values": batch["pixel_values"][:1], "ids": ["q"], "stop_token_ids": formatter.stop_token_ids}
+        return task.generate(prompts, GenerationSettings(max_new_tokens=12))[0][0]
+
+    assert answer(task.generation_condition()) == good
+    assert answer(render_condition(_feedback(1.0, "Wrong."), settings)) == bad
+
+
+@pytest.mark.slow
+def test_main_job_runs_a_few_steps(tmp_path):
+    """fit -c configs/crl.yaml end to end: SFT checkpoint and NLF shards built inside the same command."""
+    sft = ["-c", str(ROOT / "configs/overlays/ci_tiny.yaml"), "--trainer.max_steps", "2",
+           "--trainer.logger", "false", "--trainer.callbacks.init_args.dirpath", str(tmp_path / "sft"),
+           "--data.init_args.train_shards", str(tmp_path / "train"), "--data.init_args.val_shards", str(tmp_path / "val")]
+    sft_config = tmp_path / "sft.yaml"
+    sft_config.write_text((ROOT / "configs/sft.yaml").read_text())
+    # The rollout config the CRL job falls back on: tiny, and training its SFT policy if missing.
+    rollout = yaml.safe_load((ROOT / "configs/rollout.yaml").read_text())
+    rollout.update(checkpoint=str(tmp_path / "sft" / "last.ckpt"), train_config_if_missing=None,
+                   prompts=str(tmp_path / "prompts"), batch_size=2, num_workers=0,
+                   prompts_shapeworld={"split": "train", "samples": 4, "seed": 1, "shard_size": 2})
+    rollout["generation"]["max_new_tokens"] = 16
+    rollout_config = tmp_path / "rollout.yaml"
+    rollout_config.write_text(yaml.safe_dump(rollout))
+    main(["fit", "-c", str(sft_config), *sft])
+    main(["fit", "-c", str(ROOT / "configs/crl.yaml"), "-c", str(ROOT / "configs/overlays/ci_tiny.yaml"),
+          "--model.init_args.init_checkpoint", str(tmp_path / "sft" / "last.ckpt"),
+          "--model.init_args.scheduler.init_args.total_steps", "6",
+          "--trainer.default_root_dir", str(tmp_path / "crl"), "--trainer.logger.init_args.save_dir",
+          str(tmp_path / "crl"), "--trainer.callbacks.init_args.dirpath", str(tmp_path / "crl" / "checkpoints"),
+          "--data.init_args.nlf_shards", str(tmp_path / "nlf"), "--data.init_args.nlf_rollout_config",
+          str(rollout_config), "--data.init_args.train_shards", str(tmp_path / "train"),
+          "--data.init_args.val_shards", str(tmp_path / "val"), "--data.init_args.epoch_length", "64"])
+    assert (tmp_path / "crl" / "checkpoints" / "last.ckpt").exists()
+    assert list((tmp_path / "nlf").glob("rollout-*.tar"))
+    metrics = (tmp_path / "crl" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "val/loss" in metrics
