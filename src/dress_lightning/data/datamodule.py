@@ -129,13 +129,7 @@ class PromptEncoder(SampleEncoder):
                 "sample": sample}
 
     def collate(self, examples: Sequence[dict[str, Any]], pad_to_multiple_of: int = 1) -> dict[str, Any]:
-        longest = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), longest), self.formatter.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            input_ids[row, longest - n :] = example["input_ids"]  # left padding: generation appends on the right
-            attention_mask[row, longest - n :] = 1
+        input_ids, attention_mask = left_pad([e["input_ids"] for e in examples], self.formatter.tokenizer.pad_token_id)
         return {
             "input_ids": input_ids,  # (B, T)
             "attention_mask": attention_mask,  # (B, T)
@@ -159,6 +153,17 @@ class ShapeWorldShards:
     samples: int = 2000
     seed: int = 0
     shard_size: int = 250
+
+
+def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts (generation appends on the right): input_ids and attention_mask, both (B, T)."""
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt) :] = torch.as_tensor(prompt)
+        attention_mask[row, longest - len(prompt) :] = 1
+    return input_ids, attention_mask
 
 
 def collate(examples: Sequence[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dress_lightning import __version__
 from dress_lightning.conversation import FORMAT_VERSION, ConversationFormatter
+from dress_lightning.data.datamodule import left_pad
 from dress_lightning.data.schema import ASPECTS, Sample, encode_sample, validate_sample
 from dress_lightning.data.shards import SHARD_MTIME
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, to_feedback
@@ -105,13 +106,10 @@ class RolloutModule(L.LightningModule):
         """Let the policy answer each trajectory's latest user turn (one batched generation)."""
         condition = self.policy.generation_condition()
         prompts = [self.formatter.encode_prompt(t.conversation, condition) for t in trajectories]
-        longest = max(map(len, prompts))
-        pad = self.formatter.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.device)
-        attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        input_ids, attention_mask = left_pad(prompts, self.formatter.tokenizer.pad_token_id)
         batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
             "pixel_values": torch.stack([pixel_values[t.sample.record["id"]] for t in trajectories]),
             "ids": [t.sample.record["id"] for t in trajectories],
             "stop_token_ids": self.formatter.stop_token_ids,
