@@ -82,3 +82,21 @@ def test_rerun_resumes_without_repeating_prompts(policy_checkpoint, tmp_path):
     prompts = [s.record["provenance"]["prompt_id"] for s in samples]
     assert len(set(prompts)) == PROMPTS and len(prompts) == PROMPTS * NUM_SAMPLES
     assert _rollout(policy_checkpoint, tmp_path)["samples"] == 0  # nothing left to do
+
+
+def test_two_ranks_write_their_own_shards(policy_checkpoint, tmp_path):
+    args = ["feedback", "rollout", "-c", str(ROOT / "configs/rollout.yaml"), "--checkpoint", str(policy_checkpoint),
+            "--train_config_if_missing", "null", "--prompts", str(tmp_path / "prompts"),
+            "--prompts_shapeworld.samples", "8", "--prompts_shapeworld.shard_size", "4",
+            "--out", str(tmp_path / "nlf"), "--samples", str(PROMPTS), "--batch_size", "2", "--num_workers", "0",
+            "--generation.max_new_tokens", "8", "--generation.num_samples", "1", "--refinement_turns", "1",
+            "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    result = subprocess.run([sys.executable, "-m", "dress_lightning", *args], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    prompts_by_rank = []
+    for rank in range(2):
+        shards = sorted(str(p) for p in (tmp_path / "nlf").glob(f"rollout-rank{rank}-*.tar"))
+        prompts_by_rank.append({s.record["provenance"]["prompt_id"] for s in iter_samples(shards, SkipLog())})
+        assert json.loads((tmp_path / "nlf" / f"summary-rank{rank}.json").read_text())["samples"] == 2
+    assert all(prompts_by_rank) and not prompts_by_rank[0] & prompts_by_rank[1]

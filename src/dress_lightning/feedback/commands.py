@@ -141,7 +141,7 @@ def run_rollout(config: RolloutConfig) -> dict:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     summary = summarize(writer, module, judge)
     summary["skipped_prompts"] = dict(datamodule.skipped)
-    write_summary(summary, out)
+    write_summary(summary, out, trainer.global_rank, trainer.world_size)
     return summary
 
 

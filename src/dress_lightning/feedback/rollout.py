@@ -225,13 +225,17 @@ def rollout_provenance(checkpoint: str, generation: GenerationSettings, judge: J
 
 def summarize(writer: NLFShardWriter, module: RolloutModule, judge: Judge) -> dict[str, Any]:
     """Samples, judge calls, cache hits, failures and mean score per aspect and turn."""
+    turns = sorted({t for t, _ in writer.scores})
     mean = {
         f"turn{turn}": {aspect: sum(v) / len(v) for (t, aspect), v in sorted(writer.scores.items()) if t == turn}
-        for turn in sorted({t for t, _ in writer.scores})
+        for turn in turns
     }
+    # Later turns exist only for trajectories that still needed refining: compare means with that in mind.
+    judged = {f"turn{turn}": max(len(v) for (t, _), v in writer.scores.items() if t == turn) for turn in turns}
     return {
         "samples": writer.written,
         "trajectories": module.stats["trajectories"],
+        "judged_responses_per_turn": judged,
         "judge": {"name": judge.name, "version": judge.version, **judge.stats()},
         "judge_failures": module.stats["judge failures"],
         "mean_score_fraction": mean,
@@ -239,8 +243,8 @@ def summarize(writer: NLFShardWriter, module: RolloutModule, judge: Judge) -> di
     }
 
 
-def write_summary(summary: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``summary.json`` next to the shards."""
-    path = Path(out_dir) / "summary.json"
+def write_summary(summary: dict[str, Any], out_dir: Path, rank: int = 0, world_size: int = 1) -> Path:
+    """Write ``summary.json`` next to the shards (``summary-rank{R}.json`` per rank when several wrote)."""
+    path = Path(out_dir) / ("summary.json" if world_size == 1 else f"summary-rank{rank}.json")
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
