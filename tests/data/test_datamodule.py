@@ -12,7 +12,6 @@ from dress_lightning.cli import main
 from dress_lightning.conversation import IGNORE_INDEX
 from dress_lightning.data.datamodule import (
     EpochDataLoader,
-    SampleEncoder,
     ShardDataModule,
     Source,
     StreamPosition,

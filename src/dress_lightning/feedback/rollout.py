@@ -10,7 +10,6 @@ to ``refinement_turns`` turns or until every aspect reaches the top score.
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,6 @@ from dress_lightning.data.shards import SHARD_MTIME
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, to_feedback
 from dress_lightning.tasks.base import GenerationSettings, VisionLanguageTask
 
-log = logging.getLogger(__name__)
 
 ROLLOUT_SOURCE = "rollout"
 

@@ -233,5 +233,7 @@ class VisionLanguageTask(L.LightningModule):
         # any pretrained file); frozen weights come back from the config.
         keep = {name for name, p in self.named_parameters() if p.requires_grad}
         if self.model.resized_embeddings:
-            keep |= {name for name, _ in self.named_parameters() if "embed_tokens" in name or "lm_head" in name}
+            lm = self.model.language_model
+            embeddings = {id(m.weight) for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None}
+            keep |= {name for name, p in self.named_parameters() if id(p) in embeddings}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
