@@ -185,7 +185,8 @@ class VisionLanguageTask(L.LightningModule):
         now = time.perf_counter()
         if self._last_step_time is not None:
             elapsed = now - self._last_step_time
-            tokens = batch["attention_mask"].sum().item() * self.trainer.world_size
+            # A tensor, not .item(): no device sync in the training step; Lightning reads it when it logs.
+            tokens = batch["attention_mask"].sum() * self.trainer.world_size
             self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True, batch_size=1)
         self._last_step_time = now
 
