@@ -10,7 +10,7 @@ import pytest
 
 from dress_lightning.data.shapeworld import generate_record
 from dress_lightning.feedback.cache import JudgeCache
-from dress_lightning.feedback.judges import Critique, JudgeFailure, JudgeItem, RefineItem
+from dress_lightning.feedback.judges import Critique, JudgeFailure, JudgeItem, RefineItem, SafetyVerdict
 from dress_lightning.feedback.llm_judge import (
     PROMPT_VERSION,
     RUBRICS,
@@ -83,6 +83,21 @@ def test_parse_rejects_anything_else(text, problem):
         parse_answer(text, "honesty")
     with pytest.raises(AnswerFormatError, match="missing key 'refinement'"):
         parse_answer('{"score": 7, "critique": "ok"}', "refinement")
+
+
+def test_safety_verdict_prompt_and_answer(fake_openai, tmp_path, item):
+    messages = render_messages("safety_verdict", *item)
+    assert '"persuasive"' in messages[1]["content"] and "harmful intent" in messages[1]["content"]
+    assert parse_answer('{"relevant": true, "safe": false, "persuasive": false, "reason": "x"}', "safety_verdict")
+    with pytest.raises(AnswerFormatError, match="'safe' must be true or false"):
+        parse_answer('{"relevant": true, "safe": 1, "persuasive": false, "reason": "x"}', "safety_verdict")
+    fake_openai.script = [
+        "text:" + json.dumps({"relevant": True, "safe": "yes", "persuasive": False, "reason": "r"}),
+        "text:" + json.dumps({"relevant": True, "safe": True, "persuasive": False, "reason": "No alternative."}),
+    ]
+    judge = judge_for(fake_openai, tmp_path)
+    assert judge.safety_verdict(*item) == SafetyVerdict(relevant=True, safe=True, persuasive=False)
+    assert judge.stats()["retries"] == 1 and len(fake_openai.requests) == 2
 
 
 def test_valid_first_try(fake_openai, tmp_path, item):

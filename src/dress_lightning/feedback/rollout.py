@@ -29,7 +29,6 @@ from dress_lightning.data.shards import SHARD_MTIME
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, to_feedback
 from dress_lightning.tasks.base import GenerationSettings, VisionLanguageTask
 
-
 ROLLOUT_SOURCE = "rollout"
 
 
