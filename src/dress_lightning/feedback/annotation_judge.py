@@ -50,7 +50,7 @@ from dress_lightning.feedback.judges import (
     is_shapeworld,
     query_for_turn,
 )
-from dress_lightning.feedback.synonyms import COCO, SHAPEWORLD, mentioned_objects
+from dress_lightning.feedback.synonyms import COCO, SHAPEWORLD, annotated_objects, mentioned_objects
 
 ANNOTATION_JUDGE_VERSION = "annotation-v1"
 """Version of the rules below; bump it whenever a rule or penalty changes (recorded in feedback)."""
@@ -445,8 +445,7 @@ class AnnotationJudge(Judge):
 
 def _check_categories(found: _Findings, annotations: Mapping[str, Any], response: str) -> None:
     """CHAIR: COCO objects the response mentions that neither the object annotations nor the captions hold."""
-    present = {COCO.canonical(o["category"]) or o["category"] for o in annotations.get("objects", [])}
-    present |= mentioned_objects(" ".join(annotations.get("captions", [])), COCO)
+    present = annotated_objects(annotations, COCO)
     if not present:
         return  # Nothing annotated: hallucination cannot be judged.
     for category in sorted(mentioned_objects(response, COCO) - present):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from dress_lightning.data.shapeworld import SHAPES
 
@@ -238,3 +239,13 @@ def object_mentions(text: str, vocabulary: Vocabulary = COCO) -> list[str]:
 def mentioned_objects(text: str, vocabulary: Vocabulary = COCO) -> set[str]:
     """The set of canonical categories a text mentions: "a man riding a bike" -> {"person", "bicycle"}."""
     return set(object_mentions(text, vocabulary))
+
+
+def annotated_objects(annotations: Mapping[str, Any], vocabulary: Vocabulary = COCO) -> set[str]:
+    """CHAIR's ground truth for a sample: its annotated object categories plus the objects its captions mention.
+
+    Category names are made canonical ("bike" -> "bicycle"); one outside the vocabulary is kept as is.
+    Rohrbach et al. add the caption mentions because the object annotations miss objects that are there.
+    """
+    present = {vocabulary.canonical(o["category"]) or o["category"] for o in annotations.get("objects", [])}
+    return present | mentioned_objects(" ".join(annotations.get("captions", [])), vocabulary)
