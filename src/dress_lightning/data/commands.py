@@ -22,6 +22,9 @@ from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, SPLITS, generate_sam
 
 PROG = "dress-lightning data"
 
+CHAIR_NUM_IMAGES = 500
+"""Default size of the CHAIR image subset (the usual CHAIR evaluation on COCO val2014)."""
+
 
 class _CommandError(Exception):
     """A problem with the command's inputs; reported as ``error: ...`` with exit code 2."""
@@ -102,6 +105,59 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--images", type=Path, required=True, help="image directory (e.g. train2017)")
     sub.set_defaults(run=_run_convert_coco)
 
+    sub = writer(
+        "convert-llava-bench",
+        "convert LLaVA-Bench / LLaVA-Eval questions (+ optional reference answers and image context) to a QA eval set",
+        "llava-bench",
+    )
+    sub.add_argument(
+        "--questions",
+        type=Path,
+        required=True,
+        help="questions.jsonl: {question_id, image, text, category: conv|detail|complex} per line",
+    )
+    sub.add_argument("--images", type=Path, required=True, help="image directory (images by file name)")
+    sub.add_argument(
+        "--answers",
+        type=Path,
+        help="answers_gpt4.jsonl: {question_id, text} reference answers, the assistant turn (default: prompt-only)",
+    )
+    sub.add_argument(
+        "--context",
+        type=Path,
+        help="context.jsonl: {image, caption} image descriptions for the judge, stored as annotations.captions",
+    )
+    sub.set_defaults(run=_run_convert_llava_bench)
+
+    sub = writer(
+        "convert-chair",
+        "make a CHAIR captioning eval set from COCO annotations: a fixed image subset, one prompt per instruction",
+        "chair",
+    )
+    sub.add_argument(
+        "--annotations", type=Path, nargs="+", required=True, help="instances_*.json and captions_*.json (e.g. val2014)"
+    )
+    sub.add_argument("--images", type=Path, required=True, help="image directory (e.g. val2014)")
+    choose = sub.add_mutually_exclusive_group()
+    choose.add_argument(
+        "--image-ids",
+        type=Path,
+        help="file of COCO image ids, one a line (e.g. PREFIX_image_ids.txt of an earlier run)",
+    )
+    choose.add_argument(
+        "--num-images",
+        type=_positive_int,
+        help=f"draw this many images with instance annotations (default: {CHAIR_NUM_IMAGES})",
+    )
+    sub.add_argument("--seed", type=int, help="seed of the draw with --num-images (default: 0)")
+    sub.add_argument(
+        "--instructions",
+        nargs="+",
+        help="captioning instructions, one sample each per image "
+        "(default: the two DRESS reports, dress_lightning.data.converters.CHAIR_INSTRUCTIONS)",
+    )
+    sub.set_defaults(run=_run_convert_chair)
+
     sub = commands.add_parser("inspect", help="count samples, skips, sources, turns and feedback in shards")
     sub.add_argument(
         "sources", nargs="+", metavar="DIR_OR_URLS", help="shard directories, files, brace patterns or URLs"
@@ -147,8 +203,12 @@ def _write(
     to_sample: Callable[[Any], Sample],
     *,
     total: int | None = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> int:
-    """Shared tail of every writing command: write shards, print the summary, write the manifest."""
+    """Shared tail of every writing command: write shards, print the summary, write the manifest.
+
+    ``manifest_extra`` adds command-specific provenance (e.g. how an eval set was chosen) to the manifest.
+    """
     # Imported here (as in each command) because webdataset imports torch: --help stays fast.
     from dress_lightning.data.shards import existing_shards, write_samples
 
@@ -186,6 +246,7 @@ def _write(
         "schema_version": SCHEMA_VERSION,
         "dress_lightning_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(manifest_extra or {}),
         "skipped_records": [vars(r) for r in report.skips.records],
     }
     manifest_path = out / f"{args.prefix}-manifest.json"
@@ -253,6 +314,83 @@ def _run_convert_coco(args: argparse.Namespace) -> int:
     items = ((f"image {image.image_id}", image) for image in coco_images)
     to_sample = functools.partial(coco_to_sample, images=ImageDir(args.images), categories=categories)
     return _write(args, items, to_sample, total=len(coco_images))
+
+
+def _run_convert_llava_bench(args: argparse.Namespace) -> int:
+    from dress_lightning.data.converters import (
+        ImageDir,
+        InputError,
+        iter_jsonl,
+        llava_bench_to_sample,
+        load_jsonl_index,
+    )
+
+    _check_inputs([p for p in (args.questions, args.answers, args.context) if p is not None], [args.images])
+    try:
+        answers = load_jsonl_index(args.answers, "question_id", "text", unique=True) if args.answers else None
+        captions = load_jsonl_index(args.context, "image", "caption") if args.context else {}
+    except InputError as error:
+        raise _CommandError(str(error)) from None
+    to_sample = functools.partial(
+        llava_bench_to_sample, images=ImageDir(args.images), answers=answers, captions=captions
+    )
+    return _write(args, iter_jsonl([args.questions]), to_sample)
+
+
+def _run_convert_chair(args: argparse.Namespace) -> int:
+    from dress_lightning.data.converters import (
+        CHAIR_DECODING,
+        CHAIR_INSTRUCTIONS,
+        ImageDir,
+        InputError,
+        chair_to_sample,
+        load_coco,
+        read_image_ids,
+        sample_chair_image_ids,
+        select_coco_images,
+        write_image_ids,
+    )
+
+    if args.image_ids is not None and args.seed is not None:
+        raise _CommandError("--seed only applies to --num-images; --image-ids fixes the images already")
+    _check_inputs(args.annotations, [args.images])
+    instructions = tuple(args.instructions or CHAIR_INSTRUCTIONS)
+    try:
+        coco_images, categories = load_coco(args.annotations)
+        if args.image_ids is not None:
+            image_ids = read_image_ids(args.image_ids)
+            chosen_from: dict[str, Any] = {"image_ids_file": str(args.image_ids)}
+        else:
+            args.num_images = args.num_images or CHAIR_NUM_IMAGES
+            args.seed = 0 if args.seed is None else args.seed
+            image_ids = sample_chair_image_ids(coco_images, args.num_images, args.seed)
+            chosen_from = {"num_images": args.num_images, "seed": args.seed}
+        chosen = select_coco_images(coco_images, image_ids, str(args.image_ids or "the draw"))
+    except InputError as error:
+        raise _CommandError(str(error)) from None
+
+    ids_path = args.out / f"{args.prefix}_image_ids.txt"
+    manifest_extra = {
+        "eval_set": {
+            "name": "chair",
+            "annotations": [p.name for p in args.annotations],
+            "images": {**chosen_from, "count": len(image_ids), "list": ids_path.name},
+            "instructions": list(instructions),
+            "decoding": CHAIR_DECODING,
+        }
+    }
+    items = (
+        (f"image {image.image_id} instruction {k}", (image, k))
+        for image in chosen
+        for k in range(1, len(instructions) + 1)
+    )
+    to_sample = functools.partial(
+        chair_to_sample, images=ImageDir(args.images), categories=categories, instructions=instructions
+    )
+    code = _write(args, items, to_sample, total=len(chosen) * len(instructions), manifest_extra=manifest_extra)
+    # Written after the shards: a refused run (existing shards) must not replace the list of an earlier one.
+    write_image_ids(ids_path, image_ids)
+    return code
 
 
 def _shard_stats(samples: Iterable[Sample]) -> dict[str, Any]:

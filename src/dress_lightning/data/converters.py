@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,15 @@ VLSAFE_RESPONSE_KEYS = ("response", "answer", "safe_response", "reference", "out
 """Keys under which a VLSafe alignment record may hold a reference safe response."""
 
 COCO_DESCRIBE_PROMPT = "Describe this image briefly."
+
+LLAVA_BENCH_CATEGORIES = {"conv": "conversation", "detail": "description", "complex": "reasoning"}
+"""LLaVA-Bench / LLaVA-Eval question categories -> the three helpfulness categories of DRESS and LLaVA."""
+
+CHAIR_INSTRUCTIONS = ("Describe this image in detail.", "Generate a short caption of the image.")
+"""The two captioning instructions CHAIR is reported with (DRESS: "instruction 1" and "instruction 2")."""
+
+CHAIR_DECODING = {"do_sample": False, "max_new_tokens": 512}
+"""Recommended decoding for CHAIR: greedy, as the CHAIR literature does, so scores are reproducible."""
 
 
 class InputError(Exception):
@@ -153,6 +163,28 @@ def iter_jsonl(paths: Sequence[Path]) -> Iterator[tuple[str, JsonLine | SkipReco
                     yield where, SkipRecord("malformed json", str(error))
 
 
+def load_jsonl_index(path: Path, key: str, value: str, *, unique: bool = False) -> dict[str, list[Any]]:
+    """Map ``str(line[key])`` to the ``line[value]`` of every line with that key, for lookup tables.
+
+    A lookup table (reference answers, image descriptions) is used whole, so a malformed line is
+    an ``InputError`` rather than a skipped record: a silently missing entry would change samples.
+    With ``unique``, a key on two lines is an ``InputError`` too.
+    """
+    if not path.is_file():
+        raise InputError(f"input file not found: {path}")
+    index: dict[str, list[Any]] = {}
+    for where, line in iter_jsonl([path]):
+        if isinstance(line, SkipRecord):
+            raise InputError(f"{where}: {line}")
+        if not isinstance(line.value, dict) or key not in line.value or value not in line.value:
+            raise InputError(f"{where}: expected a JSON object with {key!r} and {value!r}")
+        entries = index.setdefault(str(line.value[key]), [])
+        if unique and entries:
+            raise InputError(f"{where}: {key} {line.value[key]!r} appears on an earlier line too")
+        entries.append(line.value[value])
+    return index
+
+
 def _line_id(line: JsonLine) -> str:
     return f"{line.path.stem}-{line.lineno}"
 
@@ -180,6 +212,44 @@ def llava_to_sample(record: Any, images: ImageDir) -> Sample:
             conversation=conversation,
         ),
         record["image"],
+    )
+
+
+def llava_bench_to_sample(
+    line: JsonLine,
+    images: ImageDir,
+    answers: Mapping[str, list[str]] | None,
+    captions: Mapping[str, list[str]],
+) -> Sample:
+    """LLaVA-Bench question ``{question_id, image, text, category}`` -> QA eval sample.
+
+    ``answers`` (question id -> reference answer) gives the assistant turn; without it the sample is
+    prompt-only. ``captions`` (image file name -> descriptions, from ``context.jsonl``) are what the
+    judge sees of the image.
+    """
+    record = _require_dict(line.value)
+    question_id = str(record["question_id"])
+    if record["category"] not in LLAVA_BENCH_CATEGORIES:
+        raise SkipRecord(
+            "unknown category", f"{record['category']!r}; expected one of {', '.join(LLAVA_BENCH_CATEGORIES)}"
+        )
+    contents = [ensure_image_token(record["text"])]
+    if answers is not None:
+        if question_id not in answers:
+            raise SkipRecord("missing reference answer", f"question_id {question_id} is not in the answers file")
+        contents.append(answers[question_id][0])
+    image = record["image"]
+    return images.attach(
+        build_record(
+            sample_id=f"llava-bench-{question_id}",
+            source="llava-bench",
+            # Not normalize_image_id: in-the-wild images (001.jpg) are no COCO images and must not join with one.
+            image_id=Path(image).stem,
+            conversation=alternating_turns(contents),
+            captions=[c for value in captions.get(Path(image).name, []) for c in as_captions(value)],
+            category=LLAVA_BENCH_CATEGORIES[record["category"]],
+        ),
+        image,
     )
 
 
@@ -296,14 +366,25 @@ def load_coco(paths: Sequence[Path]) -> tuple[list[CocoImage], dict[int, str]]:
     return [CocoImage(i, file_names.get(i), annotations.get(i, [])) for i in image_ids], categories
 
 
-def coco_to_sample(image: CocoImage, images: ImageDir, categories: Mapping[int, str]) -> Sample:
-    """COCO image with captions and/or boxes -> describe sample answered by its first caption."""
-    captions = [a["caption"].strip() for a in image.annotations if "caption" in a]
+def coco_captions(image: CocoImage) -> list[str]:
+    """The image's COCO captions, stripped."""
+    return [a["caption"].strip() for a in image.annotations if "caption" in a]
+
+
+def coco_objects(image: CocoImage, categories: Mapping[int, str]) -> list[ObjectAnnotation]:
+    """The image's COCO instances as objects with ``[x0, y0, x1, y1]`` boxes."""
     objects = []
     for annotation in image.annotations:
         if "bbox" in annotation:
             x, y, w, h = annotation["bbox"]  # COCO boxes are [x, y, width, height]
             objects.append(ObjectAnnotation(category=categories[annotation["category_id"]], box=[x, y, x + w, y + h]))
+    return objects
+
+
+def coco_to_sample(image: CocoImage, images: ImageDir, categories: Mapping[int, str]) -> Sample:
+    """COCO image with captions and/or boxes -> describe sample answered by its first caption."""
+    captions = coco_captions(image)
+    objects = coco_objects(image, categories)
     image_id = normalize_image_id(image.image_id)
     return images.attach(
         build_record(
@@ -313,6 +394,79 @@ def coco_to_sample(image: CocoImage, images: ImageDir, categories: Mapping[int, 
             conversation=alternating_turns([ensure_image_token(COCO_DESCRIBE_PROMPT), *captions[:1]]),
             captions=captions,
             objects=objects,
+            category="description",
+        ),
+        image.file_name or image_id,
+    )
+
+
+def sample_chair_image_ids(coco_images: Sequence[CocoImage], num_images: int, seed: int) -> list[int]:
+    """A fixed random subset of the images with instance annotations: same inputs and seed, same ids (sorted)."""
+    candidates = sorted(image.image_id for image in coco_images if any("bbox" in a for a in image.annotations))
+    if num_images > len(candidates):
+        raise InputError(
+            f"--num-images {num_images} is more than the {len(candidates)} images with instance annotations; "
+            "pass instances_*.json in --annotations or lower --num-images"
+        )
+    return sorted(random.Random(seed).sample(candidates, num_images))
+
+
+def read_image_ids(path: Path) -> list[int]:
+    """COCO image ids from a file, one a line (zero-padded or not); blank lines are ignored."""
+    if not path.is_file():
+        raise InputError(f"image id list not found: {path}")
+    ids: dict[int, None] = {}  # ordered set
+    for lineno, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            image_id = int(text)
+        except ValueError:
+            raise InputError(f"{path.name}:{lineno}: expected a numeric COCO image id, got {text.strip()!r}") from None
+        if image_id in ids:
+            raise InputError(f"{path.name}:{lineno}: image id {image_id} is listed twice")
+        ids[image_id] = None
+    if not ids:
+        raise InputError(f"{path} lists no image ids")
+    return list(ids)
+
+
+def write_image_ids(path: Path, image_ids: Sequence[int]) -> None:
+    """Write image ids one a line, the format ``read_image_ids`` reads."""
+    path.write_text("".join(f"{i}\n" for i in image_ids), encoding="utf-8")
+
+
+def select_coco_images(coco_images: Sequence[CocoImage], image_ids: Sequence[int], where: str) -> list[CocoImage]:
+    """The images with these ids, in this order; an id the annotations lack is an ``InputError``."""
+    by_id = {image.image_id: image for image in coco_images}
+    missing = [i for i in image_ids if i not in by_id]
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise InputError(
+            f"{len(missing)} image id(s) from {where} are not in the COCO annotations: {shown}; "
+            "check that --annotations names the split the list was made from (e.g. val2014)"
+        )
+    return [by_id[i] for i in image_ids]
+
+
+def chair_to_sample(
+    prompt: tuple[CocoImage, int], images: ImageDir, categories: Mapping[int, str], instructions: Sequence[str]
+) -> Sample:
+    """``(COCO image, instruction number k)`` -> prompt-only captioning sample ``chair-{image_id}-i{k}``.
+
+    The annotations (COCO objects and captions) are CHAIR's ground truth; ``k`` counts from 1, as
+    the papers number their instructions.
+    """
+    image, k = prompt
+    image_id = normalize_image_id(image.image_id)
+    return images.attach(
+        build_record(
+            sample_id=f"chair-{image_id}-i{k}",
+            source="coco-chair",
+            image_id=image_id,
+            conversation=alternating_turns([ensure_image_token(instructions[k - 1])]),
+            captions=coco_captions(image),
+            objects=coco_objects(image, categories),
             category="description",
         ),
         image.file_name or image_id,
