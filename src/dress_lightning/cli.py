@@ -16,6 +16,7 @@ commands:
             Lightning CLI: `fit -c configs/sft.yaml` (several -c compose; --print_config shows the result)
   data      build, convert and inspect WebDataset shards (shapeworld, convert-*, inspect)
   feedback  NLF data engine: `feedback rollout -c configs/rollout.yaml` (rollouts, judges, refinement)
+  evaluate  3H + interaction metrics and a report: `evaluate -c configs/eval.yaml [--ckpt PATH] [--out DIR]`
 
 Run `dress-lightning COMMAND --help` for the options of a command."""
 
@@ -28,6 +29,12 @@ def _data_main(argv: Sequence[str]) -> int:
 
 def _feedback_main(argv: Sequence[str]) -> int:
     from dress_lightning.feedback.commands import main
+
+    return main(argv)
+
+
+def _evaluate_main(argv: Sequence[str]) -> int:
+    from dress_lightning.evaluation.commands import main
 
     return main(argv)
 
@@ -45,6 +52,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **{name: _lightning_main(name) for name in ("fit", "validate", "test", "predict")},
     "data": _data_main,
     "feedback": _feedback_main,
+    "evaluate": _evaluate_main,
 }
 
 

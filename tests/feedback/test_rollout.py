@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from dress_lightning.cli import main
 from dress_lightning.data.datamodule import ShardDataModule
 from dress_lightning.data.schema import ASPECTS
@@ -15,18 +13,6 @@ from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = 4
 NUM_SAMPLES = 2
-
-
-@pytest.fixture(scope="module")
-def policy_checkpoint(tmp_path_factory):
-    """A policy trained for a few steps through the real CLI (its answers are poor: refinements happen)."""
-    tmp = tmp_path_factory.mktemp("policy")
-    main(["fit", "-c", str(ROOT / "configs/sft.yaml"), "-c", str(ROOT / "configs/overlays/ci_tiny.yaml"),
-          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
-          "--trainer.default_root_dir", str(tmp), "--trainer.logger", "false",
-          "--trainer.callbacks.init_args.dirpath", str(tmp / "checkpoints"),
-          "--data.init_args.train_shards", str(tmp / "train"), "--data.init_args.val_shards", str(tmp / "val")])
-    return tmp / "checkpoints" / "last.ckpt"
 
 
 def _rollout(checkpoint, tmp_path, *extra):

@@ -1,0 +1,190 @@
+"""Evaluation inside Lightning's predict loop: answer, judge, refine, and update synced TorchMetrics.
+
+``EvaluationModule`` reuses the rollout's trajectory machinery (``RolloutModule``): each prompt gets
+one greedy answer, the judge critiques it, and for ``refinement_turns`` > 0 the judge's refinement
+NLF is answered again up to K times (stopping at the top score), as DRESS's multi-turn interaction
+evaluation does. The axes read the trajectories:
+
+- helpfulness (and the judge's honesty score): first answers to benign prompts, per category;
+- honesty as CHAIR: object mentions of first answers to benign prompts in ``chair_categories``;
+- harmlessness: the judge's VLSafe verdicts and harmlessness score on harmful-intent prompts;
+- interaction: the mean judge score (over aspects) at every turn of every trajectory.
+
+Metric states are summed across ranks by TorchMetrics when ``compute`` runs, so every rank ends
+with the same results under DDP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torchmetrics import SumMetric
+
+from dress_lightning.conversation import ConversationFormatter
+from dress_lightning.data.schema import ASPECTS
+from dress_lightning.evaluation.metrics import CHAIR, AspectScore, RefinementGain, SafetyRate, ScoreByTurn
+from dress_lightning.feedback.judges import Judge, JudgeFailure, SafetyVerdict
+from dress_lightning.feedback.rollout import RolloutModule, Trajectory
+from dress_lightning.feedback.synonyms import COCO, SHAPEWORLD, Vocabulary, annotated_objects
+from dress_lightning.tasks.base import GenerationSettings, VisionLanguageTask
+
+VOCABULARIES: dict[str, Vocabulary] = {"coco": COCO, "shapeworld": SHAPEWORLD}
+"""Object vocabularies CHAIR can count mentions with, by name."""
+
+HARMFUL_CATEGORY = "harmful"
+"""The category harmful-intent prompts are reported under (harmlessness axis)."""
+
+
+@dataclass
+class Axes:
+    """Which prompts each axis reads (an eval set's settings)."""
+
+    categories: Sequence[str]
+    """Helpfulness categories of the benign prompts (a benign prompt of another category is an error)."""
+    vocabulary: str = "coco"
+    """Object vocabulary of CHAIR: coco or shapeworld."""
+    chair_categories: Sequence[str] | None = None
+    """Benign categories whose first answers CHAIR counts (None: every benign prompt)."""
+
+
+class EvaluationModule(RolloutModule):
+    """Answers each prompt once (greedy by default), refines for ``refinement_turns``, updates the metrics."""
+
+    def __init__(
+        self,
+        policy: VisionLanguageTask,
+        judge: Judge,
+        formatter: ConversationFormatter,
+        generation: GenerationSettings,
+        axes: Axes,
+        refinement_turns: int = 0,
+    ) -> None:
+        if generation.num_samples != 1:
+            raise ValueError(f"evaluation answers each prompt once; got generation.num_samples={generation.num_samples}")
+        if axes.vocabulary not in VOCABULARIES:
+            raise ValueError(f"unknown CHAIR vocabulary {axes.vocabulary!r}; valid: {', '.join(VOCABULARIES)}")
+        super().__init__(policy, judge, formatter, generation, refinement_turns)
+        self.axes = axes
+        self.vocabulary = VOCABULARIES[axes.vocabulary]
+        categories = list(axes.categories)
+        self.helpfulness = AspectScore(categories)
+        self.honesty = AspectScore(categories)
+        self.harmlessness = AspectScore([HARMFUL_CATEGORY])
+        self.chair = CHAIR(self.vocabulary)
+        self.safety = SafetyRate()
+        self.interaction = RefinementGain(max(refinement_turns, 1))
+        self.score_by_turn = ScoreByTurn(max(refinement_turns, 1))
+        self.prompts = SumMetric()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        trajectories = super().predict_step(batch, batch_idx)
+        self.prompts.update(len(trajectories))
+        verdicts = self._safety_verdicts([t for t in trajectories if _harmful(t)])
+        self._update_scores(trajectories)
+        self._update_chair(trajectories)
+        self._update_interaction(trajectories)
+        return [self.record(t, verdicts.get(t.sample.record["id"])) for t in trajectories]
+
+    def _safety_verdicts(self, harmful: Sequence[Trajectory]) -> dict[str, SafetyVerdict | JudgeFailure]:
+        items = [(t.sample.record["annotations"], t.conversation[:1], t.conversation[1]["content"]) for t in harmful]
+        verdicts = self.judge.safety_verdict_many(items)
+        valid = [v for v in verdicts if not isinstance(v, JudgeFailure)]
+        self.stats["judge failures"] += len(verdicts) - len(valid)
+        if valid:
+            self.safety.update(*(torch.tensor([getattr(v, k) for v in valid]) for k in ("relevant", "safe", "persuasive")))
+        return {t.sample.record["id"]: v for t, v in zip(harmful, verdicts)}
+
+    def _update_scores(self, trajectories: Sequence[Trajectory]) -> None:
+        first = [t for t in trajectories if t.feedback[0] is not None]
+        self.stats["unjudged first answers"] += len(trajectories) - len(first)
+        benign = [t for t in first if not _harmful(t)]
+        if benign:
+            categories = [t.sample.record.get("category", "") for t in benign]
+            for metric, aspect in ((self.helpfulness, "helpfulness"), (self.honesty, "honesty")):
+                metric.update(torch.tensor([t.feedback[0]["scores"][aspect] for t in benign]), categories)
+        harmful = [t for t in first if _harmful(t)]
+        if harmful:
+            scores = torch.tensor([t.feedback[0]["scores"]["harmlessness"] for t in harmful])
+            self.harmlessness.update(scores, [HARMFUL_CATEGORY] * len(harmful))
+
+    def _update_chair(self, trajectories: Sequence[Trajectory]) -> None:
+        chosen = self.axes.chair_categories
+        captions = [
+            t for t in trajectories
+            if not _harmful(t) and (chosen is None or t.sample.record.get("category") in chosen)
+        ]
+        if captions:
+            self.chair.update(
+                [t.conversation[1]["content"] for t in captions],
+                [annotated_objects(t.sample.record["annotations"], self.vocabulary) for t in captions],
+            )
+
+    def _update_interaction(self, trajectories: Sequence[Trajectory]) -> None:
+        turns = self.interaction.refinement_turns + 1
+        rows, filled = [], []
+        for trajectory in trajectories:
+            if trajectory.feedback[0] is None:
+                continue
+            row = [math.nan] * turns
+            for turn, feedback in enumerate(trajectory.feedback[:turns]):
+                if feedback is not None:
+                    row[turn] = sum(feedback["scores"][a] for a in ASPECTS) / len(ASPECTS)
+            rows.append(row)
+            # A trajectory stops once perfect: its score stays at the top for the turns it skipped.
+            filled.append(_forward_fill(row) if trajectory.last_critique_perfect else row)
+        if rows:
+            self.interaction.update(torch.tensor(rows))
+            self.score_by_turn.update(torch.tensor(filled))
+
+    def record(self, trajectory: Trajectory, verdict: SafetyVerdict | JudgeFailure | None) -> dict[str, Any]:
+        """What ``responses.jsonl`` keeps of one prompt: the dialogue with refinements, feedback, verdict."""
+        source = trajectory.sample.record
+        entry = {
+            "id": source["id"],
+            "source": source["source"],
+            "image_id": source["image_id"],
+            "category": source.get("category"),
+            "harmful_intent": _harmful(trajectory),
+            "conversation": trajectory.conversation,
+            "feedback": trajectory.feedback,
+            "judge_failures": trajectory.failures,
+        }
+        if verdict is not None:
+            entry["safety_verdict"] = asdict(verdict) if isinstance(verdict, SafetyVerdict) else {
+                "failure": verdict.reason
+            }
+        return entry
+
+    def results(self) -> dict[str, Any]:
+        """Every axis, synced across ranks (call on all ranks)."""
+        return {
+            "prompts": int(self.prompts.compute()),
+            "helpfulness": _floats(self.helpfulness.compute()),
+            "honesty_score": _floats(self.honesty.compute()),
+            "harmlessness_score": _floats(self.harmlessness.compute()),
+            "chair": _floats(self.chair.compute()),
+            "safety": _floats(self.safety.compute()),
+            "interaction": _floats(self.interaction.compute()),
+            "score_by_turn": [None if math.isnan(v) else v for v in self.score_by_turn.compute().tolist()],
+        }
+
+
+def _harmful(trajectory: Trajectory) -> bool:
+    return bool(trajectory.sample.record["annotations"]["safety"]["harmful_intent"])
+
+
+def _forward_fill(row: list[float]) -> list[float]:
+    filled, last = [], math.nan
+    for value in row:
+        last = last if math.isnan(value) else value
+        filled.append(last)
+    return filled
+
+
+def _floats(values: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """JSON-ready: tensors to floats, nan (no data) to None."""
+    return {k: None if math.isnan(v := float(t)) else v for k, t in values.items()}
