@@ -59,9 +59,45 @@ def test_rollout_config_parses(capsys):
     assert "refinement_turns: 2" in capsys.readouterr().out
 
 
+EVAL_CONFIGS = [ROOT / "configs/eval.yaml", ROOT / "configs/eval_real.yaml"]
+REPRODUCTION = ROOT / "configs/reproduce"
+# Each reproduction overlay and the configs it goes on top of (as bench/reproduce_shapeworld.sh passes them).
+REPRODUCTION_STACKS = {
+    "pretrain.yaml": ["fit", "configs/pretrain.yaml"],
+    "sft.yaml": ["fit", "configs/sft.yaml"],
+    "sft_more.yaml": ["fit", "configs/sft.yaml", "configs/reproduce/sft.yaml"],
+    "rollout.yaml": ["feedback rollout", "configs/rollout.yaml"],
+    "crl.yaml": ["fit", "configs/crl.yaml"],
+    "crl_score_only.yaml": ["fit", "configs/crl.yaml", "configs/reproduce/crl.yaml"],
+    "crl_no_refinement.yaml": ["fit", "configs/crl.yaml", "configs/reproduce/crl.yaml"],
+}
+
+
 def test_every_config_is_tested():
     overlays = [p for p in CONFIGS if p.parent.name == "overlays"]
-    assert sorted(CONFIGS) == sorted([*TRAINING_CONFIGS, ROOT / "configs/rollout.yaml", *overlays])
+    reproduction = [REPRODUCTION / name for name in REPRODUCTION_STACKS]
+    assert sorted(CONFIGS) == sorted(
+        [*TRAINING_CONFIGS, ROOT / "configs/rollout.yaml", *overlays, *EVAL_CONFIGS, *reproduction]
+    )
+
+
+@pytest.mark.parametrize("stack", EVAL_CONFIGS, ids=lambda p: p.name)
+def test_eval_configs_parse(stack, capsys):
+    configs = ["-c", str(EVAL_CONFIGS[0])] + (["-c", str(stack)] if stack != EVAL_CONFIGS[0] else [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", *configs, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "refinement_turns: 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overlay", list(REPRODUCTION_STACKS), ids=str)
+def test_reproduction_overlays_compose(overlay, capsys):
+    command, *bases = REPRODUCTION_STACKS[overlay]
+    configs = [arg for path in [*bases, f"configs/reproduce/{overlay}"] for arg in ("-c", str(ROOT / path))]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command.split(), *configs, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "runs/repro/" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overlay", [p for p in CONFIGS if p.parent.name == "overlays"], ids=lambda p: p.name)
