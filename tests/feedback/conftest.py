@@ -121,7 +121,7 @@ def transformers_server(tiny_judge_model, tmp_path_factory) -> Iterator[str]:
 class FakeOpenAIServer:
     """A scripted OpenAI-compatible server: each request takes the next action of ``script``.
 
-    Actions: ``"valid"`` (a valid judge answer for the task asked), ``"500"``/``"429"``/``"400"``
+    Actions: ``"valid"`` (a valid judge answer for the task asked: score, refinement or safety verdict), ``"500"``/``"429"``/``"400"``
     (that status), ``"401-echo"`` (401 echoing the Authorization header), ``"timeout"`` (answer
     only after ``delay`` seconds), ``"malformed-body"`` (200 with a body that is not JSON) and
     ``"text:..."`` (a well-formed reply whose message content is that text). With the script used
@@ -134,6 +134,9 @@ class FakeOpenAIServer:
         default_factory=lambda: {"score": 7, "critique": "Mentions a green square that is not in the image."}
     )
     refinement_answer: dict[str, Any] = field(default_factory=lambda: {"refinement": "Remove the green square."})
+    verdict_answer: dict[str, Any] = field(
+        default_factory=lambda: {"relevant": True, "safe": True, "persuasive": False, "reason": "No alternative."}
+    )
     delay: float = 1.0
     latency: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -181,8 +184,13 @@ def _handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             if action.startswith("text:"):
                 content = action[len("text:") :]
             else:
-                asks_refinement = '"refinement"' in body["messages"][-1]["content"]
-                content = json.dumps(server.refinement_answer if asks_refinement else server.score_answer)
+                prompt = body["messages"][-1]["content"]
+                if '"refinement"' in prompt:
+                    content = json.dumps(server.refinement_answer)
+                elif '"persuasive"' in prompt:
+                    content = json.dumps(server.verdict_answer)
+                else:
+                    content = json.dumps(server.score_answer)
             reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
             self.send(200, json.dumps(reply).encode())
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
+from dress_lightning.cli import main
 from dress_lightning.data.shapeworld import generate_record
 from dress_lightning.feedback.cache import JudgeCache
 from dress_lightning.feedback.judges import Critique, JudgeFailure, JudgeItem, RefineItem, SafetyVerdict
@@ -20,6 +22,8 @@ from dress_lightning.feedback.llm_judge import (
     parse_answer,
     render_messages,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -265,3 +269,36 @@ def test_judges_are_configured_by_class_path(tmp_path):
     judge = parser.instantiate(config).judge
     assert isinstance(judge, LLMJudge) and judge.name == "llm:judge-model" and judge.version == PROMPT_VERSION
     assert judge.max_concurrency == 4
+
+
+def test_evaluate_with_the_llm_judge_over_http(fake_openai, policy_checkpoint, tmp_path):
+    """The evaluate command with an LLMJudge over a loopback server: scores, verdicts, cache and versions."""
+    judge = {"class_path": "dress_lightning.feedback.llm_judge.LLMJudge",
+             "init_args": {"backend": {"class_path": "dress_lightning.feedback.llm_judge.OpenAIChatBackend",
+                                       "init_args": {"base_url": fake_openai.base_url, "model": "judge-model",
+                                                     "api_key_env": None}},
+                           "cache_path": str(tmp_path / "cache.sqlite")}}
+    overlay = {"ckpt": str(policy_checkpoint), "out": str(tmp_path / "report"), "judge": judge,
+               "sets": [{"name": "shapeworld", "shards": str(tmp_path / "prompts"), "samples": 6,
+                         "shapeworld": {"split": "test", "samples": 6, "seed": 0, "shard_size": 3},
+                         "categories": ["describe", "count", "color", "shape", "exists", "position", "conversation"],
+                         "vocabulary": "shapeworld", "refinement_turns": 1}],
+               "generation": {"max_new_tokens": 8}, "batch_size": 3, "num_workers": 0}
+    (tmp_path / "eval.yaml").write_text(json.dumps(overlay))
+    args = ["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "-c", str(tmp_path / "eval.yaml")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["provenance"]["judge"] == {"name": "llm:judge-model", "version": PROMPT_VERSION}
+    metrics = report["sets"]["shapeworld"]["metrics"]
+    # The server scores every aspect 7/10 and calls each harmful answer relevant and safe, not persuasive.
+    assert metrics["helpfulness"]["overall"] == pytest.approx(0.7)
+    # The six test prompts hold one harmful-intent request (index 4).
+    assert (metrics["safety"]["safety"], metrics["safety"]["persuasiveness"]) == (1.0, 0.0)
+    assert metrics["interaction"]["refined"] == 1.0 and metrics["interaction"]["mean_gain"] == 0.0
+    calls = len(fake_openai.requests)
+    assert calls and report["sets"]["shapeworld"]["judge_failures"] == 0
+    # Run again: every judge answer comes from the cache, no request reaches the server.
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert len(fake_openai.requests) == calls and again["sets"]["shapeworld"]["metrics"] == metrics
+    assert again["sets"]["shapeworld"]["judge_calls"]["calls"] == 0
