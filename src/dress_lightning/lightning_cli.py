@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from jsonargparse import lazy_instance
+from jsonargparse import lazy_instance, set_parsing_settings
 
 from dress_lightning.data.datamodule import ShardDataModule
 from dress_lightning.tasks import VisionLanguageTask
@@ -68,6 +68,11 @@ class DressCLI(LightningCLI):
 
 def main(argv: Sequence[str]) -> int:
     """Run a LightningCLI subcommand (``fit -c configs/sft.yaml`` ...)."""
+    # omegaconf+ resolves ${...} interpolations once, on the config merged from every -c file and
+    # command-line override, so `--trainer.max_steps 600` also reaches the scheduler's total_steps
+    # (plain omegaconf resolves each file alone). The configs' paths are written from the subcommand
+    # (`${trainer.max_steps}`, not `${fit.trainer.max_steps}`).
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     DressCLI(
         model_class=VisionLanguageTask,
         datamodule_class=ShardDataModule,
@@ -75,7 +80,7 @@ def main(argv: Sequence[str]) -> int:
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         # From the console, let LightningCLI read sys.argv itself (it warns when given both).
         args=None if list(argv) == sys.argv[1:] else list(argv),
     )

@@ -52,6 +52,15 @@ def test_every_shipped_training_config_parses(config, capsys):
     assert "class_path: dress_lightning.tasks" in capsys.readouterr().out
 
 
+def test_interpolations_follow_overrides_and_overlays(capsys):
+    """${...} links resolve on the merged config: a new max_steps or lr reaches the scheduler."""
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(ROOT / "configs/sft.yaml"), "-c", str(ROOT / "configs/reproduce/sft.yaml"),
+              "-c", str(ROOT / "configs/reproduce/sft_more.yaml"), "--trainer.max_steps", "7", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "total_steps: 7\n" in printed and "max_lr: 0.0002\n" in printed  # sft_more.yaml's lr, not sft.yaml's
+
+
 def test_rollout_config_parses(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["feedback", "rollout", "-c", str(ROOT / "configs/rollout.yaml"), "--print_config"])
