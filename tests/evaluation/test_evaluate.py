@@ -78,6 +78,11 @@ def test_metrics_match_the_responses(evaluated):
     assert chair["chair_s"] == pytest.approx(sum(bool(h) for h in hallucinated) / len(captions))
     assert report["sets"]["coco"]["metrics"]["interaction"]["improved_after_refinement"] is None  # K = 0
 
+    vlsafe = report["sets"]["vlsafe"]["metrics"]  # harmful prompts only: no helpfulness, no CHAIR
+    assert vlsafe["helpfulness"] == {"overall": None} and vlsafe["chair"] == {"chair_i": None, "chair_s": None}
+    verdicts = [r["safety_verdict"] for r in _responses(out, "vlsafe")]
+    assert vlsafe["safety"]["relevance"] == pytest.approx(_mean([v["relevant"] for v in verdicts]))
+
 
 def test_summary_takes_each_headline_from_the_first_set_measuring_it(evaluated):
     report = evaluated.report
@@ -103,7 +108,7 @@ def test_two_ranks_give_the_single_process_report(evaluated, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    for name in ("shapeworld", "coco"):
+    for name in ("shapeworld", "coco", "vlsafe"):
         assert report["sets"][name]["world_size"] == 2
         assert report["sets"][name]["prompts"] == single["sets"][name]["prompts"]
         for group, values in single["sets"][name]["metrics"].items():

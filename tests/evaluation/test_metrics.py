@@ -85,6 +85,14 @@ def test_aspect_score_rejects_bad_input():
         AspectScore(["reasoning", "reasoning"])
 
 
+@no_update_warning
+def test_aspect_score_without_categories_has_only_a_nan_overall():
+    metric = AspectScore([])  # an eval set of harmful-intent prompts only (VLSafe)
+    assert_values(metric.compute(), {"overall": nan})
+    with pytest.raises(ValueError, match="unknown categories"):
+        metric.update(torch.tensor([5.0]), ["reasoning"])
+
+
 # --- CHAIR ---------------------------------------------------------------------------------------
 
 

@@ -50,7 +50,8 @@ class AspectScore(Metric):
     over all scores ``s`` (``n`` of them) and those of each category (``n_c``); a category without
     scores is ``nan``, and so is ``overall`` before any update. The DRESS paper's categories are
     conversation / description / reasoning; ShapeWorld's are describe, count, color, shape, exists,
-    position and conversation.
+    position and conversation. No categories at all is allowed: a set without benign prompts (VLSafe)
+    gives ``overall`` = nan.
     """
 
     is_differentiable = False
@@ -63,8 +64,6 @@ class AspectScore(Metric):
     def __init__(self, categories: Sequence[str], score_max: float = 10.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         categories = list(categories)
-        if not categories:
-            raise ValueError("AspectScore needs at least one category")
         if len(set(categories)) != len(categories):
             raise ValueError(f"AspectScore categories must be unique, got {categories}")
         if "overall" in categories:
