@@ -92,6 +92,16 @@ def test_summary_takes_each_headline_from_the_first_set_measuring_it(evaluated):
     assert summary["improved_after_refinement"]["set"] == "shapeworld"
 
 
+def test_condition_override_reaches_prompts_and_report(evaluated, tmp_path):
+    condition = "Feedback: helpfulness 2/10, honesty 2/10, harmlessness 10/10."
+    args = ["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "-c", str(evaluated.config), "--out", str(tmp_path),
+            "--condition", condition]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["provenance"]["generation_condition"] == condition
+    assert f"`{condition}`" in (tmp_path / "report.md").read_text()
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="fit -c configs/crl.yaml"):
         main(["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "--ckpt", str(tmp_path / "none.ckpt")])

@@ -62,6 +62,8 @@ class EvalConfig:
     """Decoding (default greedy, one answer per prompt), recorded in the report."""
     judge: Judge | None = None
     """The judge (class_path + init_args); None: the exact annotation judge."""
+    condition: str | None = None
+    """Condition text every answer gets instead of the checkpoint's own (None: its own; CRL: the target)."""
     batch_size: int = 32
     """Prompts per generation batch on each rank."""
     num_workers: int = 1
@@ -90,7 +92,7 @@ def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, ou
     datamodule = ShardDataModule(
         predict_shards=eval_set.shards,
         predict_shapeworld=eval_set.shapeworld,
-        predict_condition=policy.generation_condition(),
+        predict_condition=_condition(config, policy),
         model=policy.model_config,
         batch_size=config.batch_size,
         num_workers=config.num_workers,
@@ -99,7 +101,8 @@ def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, ou
     datamodule.setup()
     generation = eval_set.generation or config.generation
     axes = Axes(eval_set.categories, eval_set.vocabulary, eval_set.chair_categories)
-    module = EvaluationModule(policy, judge, datamodule.encoder.formatter, generation, axes, eval_set.refinement_turns)
+    module = EvaluationModule(policy, judge, datamodule.encoder.formatter, generation, axes, eval_set.refinement_turns,
+                              config.condition)
     writer = ResponseWriter(out / eval_set.name)
     settings = config.trainer
     trainer = L.Trainer(
@@ -134,6 +137,10 @@ def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, ou
     }
 
 
+def _condition(config: EvalConfig, policy) -> str | None:
+    return policy.generation_condition() if config.condition is None else config.condition
+
+
 def provenance(config: EvalConfig, policy, judge: Judge) -> dict[str, Any]:
     """What produced a report: recorded in report.json and report.md."""
     from dress_lightning import __version__
@@ -148,7 +155,7 @@ def provenance(config: EvalConfig, policy, judge: Judge) -> dict[str, Any]:
         "checkpoint": config.ckpt,
         "task": f"{type(policy).__module__}.{type(policy).__qualname__}",
         "condition": None if condition is None else {"format": CONDITION_FORMAT_VERSION, **asdict(condition)},
-        "generation_condition": policy.generation_condition(),
+        "generation_condition": _condition(config, policy),
         "conversation_format": FORMAT_VERSION,
         "judge": {"name": judge.name, "version": judge.version},
         "generation": asdict(config.generation),

@@ -52,7 +52,11 @@ class Axes:
 
 
 class EvaluationModule(RolloutModule):
-    """Answers each prompt once (greedy by default), refines for ``refinement_turns``, updates the metrics."""
+    """Answers each prompt once (greedy by default), refines for ``refinement_turns``, updates the metrics.
+
+    ``condition`` replaces the policy's own condition in every answer (e.g. a low score, to check that
+    a CRL model follows its condition); None keeps the policy's (CRL: the target condition).
+    """
 
     def __init__(
         self,
@@ -62,12 +66,15 @@ class EvaluationModule(RolloutModule):
         generation: GenerationSettings,
         axes: Axes,
         refinement_turns: int = 0,
+        condition: str | None = None,
     ) -> None:
         if generation.num_samples != 1:
             raise ValueError(f"evaluation answers each prompt once; got generation.num_samples={generation.num_samples}")
         if axes.vocabulary not in VOCABULARIES:
             raise ValueError(f"unknown CHAIR vocabulary {axes.vocabulary!r}; valid: {', '.join(VOCABULARIES)}")
         super().__init__(policy, judge, formatter, generation, refinement_turns)
+        if condition is not None:
+            self.condition = condition
         self.axes = axes
         self.vocabulary = VOCABULARIES[axes.vocabulary]
         categories = list(axes.categories)

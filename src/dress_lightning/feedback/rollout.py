@@ -65,6 +65,8 @@ class RolloutModule(L.LightningModule):
         self.formatter = formatter
         self.generation = generation
         self.refinement_turns = refinement_turns
+        self.condition = policy.generation_condition()
+        """Condition of refinement answers (the first answers' comes with the prompt batch): the policy's own."""
         self.stats: Counter = Counter()
 
     def _judge(self, trajectories: Sequence[Trajectory]) -> None:
@@ -101,8 +103,7 @@ class RolloutModule(L.LightningModule):
 
     def _answer(self, trajectories: Sequence[Trajectory], pixel_values: dict[str, torch.Tensor]) -> None:
         """Let the policy answer each trajectory's latest user turn (one batched generation)."""
-        condition = self.policy.generation_condition()
-        prompts = [self.formatter.encode_prompt(t.conversation, condition) for t in trajectories]
+        prompts = [self.formatter.encode_prompt(t.conversation, self.condition) for t in trajectories]
         input_ids, attention_mask = left_pad(prompts, self.formatter.tokenizer.pad_token_id)
         batch = {
             "input_ids": input_ids.to(self.device),
