@@ -51,12 +51,24 @@ class VisionLanguageModel(nn.Module):
         """Images (B, 3, H, W) -> projected patch embeddings (B, N, D_text)."""
         return self.projector(self.vision(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with every ``<image>`` token replaced by a patch embedding."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, D) with every ``<image>`` token replaced by a patch embedding.
+
+        Images come as ``pixel_values`` (B, 3, H, W), or as the vision tower's patch features
+        ``image_features`` (B, N, D_vision) precomputed for a frozen tower (``VisionFeatureCache``).
+        """
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass pixel_values or precomputed image_features, not both.")
+        images = pixel_values if pixel_values is not None else image_features
         embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask = input_ids == self.image_token_id  # (B, T)
         per_row = image_mask.sum(dim=1)
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        num_images = 0 if images is None else images.shape[0]
         # One image per sample, in batch order: every row must hold exactly N placeholders.
         expected = torch.full_like(per_row, self.num_image_tokens if num_images else 0)
         if num_images not in (0, input_ids.shape[0]) or not torch.equal(per_row, expected):
@@ -68,7 +80,14 @@ class VisionLanguageModel(nn.Module):
             )
         if num_images == 0:
             return embeds
-        features = self.encode_images(pixel_values).to(embeds.dtype)  # (B, N, D)
+        if image_features is None:
+            image_features = self.vision(pixel_values)  # (B, N, D_vision)
+        elif image_features.shape[1] != self.num_image_tokens:
+            raise ImageTokenMismatchError(
+                f"image_features hold {image_features.shape[1]} patch(es) per image; this model's vision tower "
+                f"gives {self.num_image_tokens}: were they computed by another tower?"
+            )
+        features = self.projector(image_features).to(embeds.dtype)  # (B, N, D)
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
     def forward(
@@ -77,10 +96,14 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Hugging Face style forward; ``loss`` is the mean next-token loss over ``labels`` != -100."""
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        """Hugging Face style forward; ``loss`` is the mean next-token loss over ``labels`` != -100.
+
+        ``image_features`` (B, N, D_vision) replace ``pixel_values`` when a frozen tower's features were cached.
+        """
+        inputs_embeds = self.embed(input_ids, pixel_values, image_features)
         return self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )
