@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from dress_lightning.models import VisionLanguageConfig, build_tokenizer, build_vision_language_model, count_parameters
 from dress_lightning.models.feature_cache import VisionFeatureCache
-from dress_lightning.tasks.losses import masked_lm_loss
+from dress_lightning.tasks.losses import masked_lm_loss, predicting_positions, selected_lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,13 @@ class VisionLanguageTask(L.LightningModule):
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean next-token loss over the labelled (assistant) tokens of the batch."""
-        logits = self.model(**self.model_inputs(batch)).logits  # (B, T, V)
-        return masked_lm_loss(logits, batch["labels"])
+        labels = batch["labels"]
+        positions = predicting_positions(labels)  # (B, T)
+        # Logits only where the loss reads them: the LM head and softmax skip image, prompt and padding.
+        logits = self.model(**self.model_inputs(batch), logits_to_keep=positions).logits  # (M, V)
+        if logits.ndim == 3:  # an LM whose forward ignores a position mask returns all (B, T, V)
+            return masked_lm_loss(logits, labels)
+        return selected_lm_loss(logits, labels, positions)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
