@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from dress_lightning.models.vision import VisionTower
@@ -122,24 +122,55 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Batched generation for left-padded prompts (B, T) with KV cache; returns new tokens (B, T_new).
 
-        Sequences that stop early are padded with ``pad_token_id``. Sampling draws from torch's
-        global RNG: seed it (``lightning.seed_everything``) for reproducible samples.
+        Sequences that stop early are padded with ``pad_token_id``. A row that has stopped leaves the
+        batch (and the KV cache), so later steps only compute the rows still generating: the cost of a
+        batch follows the sum of its answers' lengths, not batch size x the longest answer. Sampling
+        draws from torch's global RNG: seed it (``lightning.seed_everything``) for reproducible samples.
         """
         if (attention_mask[:, -1] == 0).any():
             raise ValueError(
                 "generate() needs left-padded prompts (the last position of every row must be a real token); "
                 "set tokenizer.padding_side = 'left' when batching prompts."
             )
-        sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-            **sampling,
-        )
-        inputs_embeds = self.embed(input_ids, pixel_values)
-        return self.language_model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config
-        )
+        stops = self.eos_token_id if eos_token_id is None else eos_token_id
+        stops = torch.tensor([stops] if isinstance(stops, int) else list(stops), dtype=torch.long,
+                             device=input_ids.device)
+        lm = self.language_model
+        new_tokens = torch.full((input_ids.shape[0], max_new_tokens), self.pad_token_id, device=input_ids.device)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # batch row of each active sequence
+        mask = attention_mask
+        cache = DynamicCache(config=lm.config)
+        # Left padding: positions count real tokens only (as transformers' generate does).
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = lm(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V)
+        steps = 0
+        for step in range(max_new_tokens):
+            tokens = _next_tokens(logits.float(), do_sample, temperature, top_p)  # (b,)
+            new_tokens[rows, step] = tokens
+            steps = step + 1
+            going = ~torch.isin(tokens, stops)
+            if step + 1 == max_new_tokens or not going.any():
+                break
+            if not going.all():
+                keep = going.nonzero().squeeze(1)
+                rows, tokens, mask = rows[keep], tokens[keep], mask[keep]
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            logits = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                        past_key_values=cache, use_cache=True).logits[:, -1]
+        return new_tokens[:, :steps]
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
+    """Greedy or nucleus-sampled next tokens (b,) from logits (b, V), as transformers' warpers do it."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)  # ascending
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
