@@ -148,3 +148,24 @@ def test_generate_refuses_right_padding(tiny_model, tiny_tokenizer):
     batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2], padding_side="right")
     with pytest.raises(ValueError, match="left-padded"):
         tiny_model.generate(batch.input_ids, batch.attention_mask, torch.randn(2, 3, 64, 64))
+
+
+def test_generate_matches_transformers_generate_with_rows_stopping_early(tiny_model, tiny_tokenizer):
+    """Finished rows leave the batch; the outputs stay those of transformers' own generate (greedy)."""
+    from transformers import GenerationConfig
+
+    _scramble_language_model(tiny_model)
+    torch.manual_seed(0)
+    pixel_values = torch.randn(len(PROMPTS), 3, 64, 64)
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS)
+    free = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10,
+                               eos_token_id=[])
+    stops = [free[0, 1].item(), free[2, 4].item()]  # rows stop at different steps
+    ours = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10,
+                               eos_token_id=stops)
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=stops,
+                              pad_token_id=tiny_model.pad_token_id)
+    reference = tiny_model.language_model.generate(inputs_embeds=tiny_model.embed(batch.input_ids, pixel_values),
+                                                   attention_mask=batch.attention_mask, generation_config=config)
+    assert ours.tolist() == reference.tolist()
+    assert (ours == tiny_model.pad_token_id).any(), "some row must have stopped early"

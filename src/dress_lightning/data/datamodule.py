@@ -12,6 +12,7 @@ Stages (``build_pipeline``), in order:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -48,6 +49,11 @@ SKIPPED_KEY = "skipped"
 """Batch entry: samples skipped since the previous batch of the same worker, by reason."""
 
 
+def image_id(image: bytes) -> str:
+    """Content digest of an encoded image: the key under which its vision features may be cached."""
+    return hashlib.blake2b(image, digest_size=16).hexdigest()
+
+
 class SampleEncoder:
     """Decoded shard sample -> one training example (input_ids, labels, pixel_values)."""
 
@@ -75,6 +81,7 @@ class SampleEncoder:
             "input_ids": torch.tensor(encoded.input_ids),
             "labels": torch.tensor(encoded.labels),
             "pixel_values": pixel_values,
+            "image_id": image_id(sample.image),
             "num_truncated": encoded.num_truncated,
         }
 
@@ -184,6 +191,7 @@ def collate(examples: Sequence[dict[str, Any]], pad_token_id: int, pad_to_multip
         "labels": labels,  # (B, T)
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),  # (B, 3, H, W)
         "ids": [e["id"] for e in examples],
+        "image_ids": [e["image_id"] for e in examples],
         "num_truncated": sum(e["num_truncated"] for e in examples),
     }
 

@@ -7,6 +7,7 @@ from dress_lightning.models.factory import (
     build_vision_language_model,
     count_parameters,
 )
+from dress_lightning.models.feature_cache import StaleFeatureCacheError, VisionFeatureCache
 from dress_lightning.models.projector import PROJECTORS, build_projector
 from dress_lightning.models.vision import VisionSpec, VisionTower, build_vision_tower, describe_vision_tower
 from dress_lightning.models.vlm import ImageTokenMismatchError, VisionLanguageModel
@@ -15,6 +16,8 @@ __all__ = [
     "PROJECTORS",
     "ImageTokenMismatchError",
     "ParameterReport",
+    "StaleFeatureCacheError",
+    "VisionFeatureCache",
     "VisionLanguageConfig",
     "VisionLanguageModel",
     "VisionSpec",

@@ -85,12 +85,15 @@ def describe_vision_tower(model_name: str, pretrained: str | None = None, layer:
 class VisionTower(nn.Module):
     """Wraps ``open_clip``'s image tower; ``forward`` maps images (B, 3, H, W) to patch tokens (B, N, D)."""
 
-    def __init__(self, visual: nn.Module, spec: VisionSpec, layer: int, model_name: str) -> None:
+    def __init__(
+        self, visual: nn.Module, spec: VisionSpec, layer: int, model_name: str, pretrained: str | None = None
+    ) -> None:
         super().__init__()
         self.visual = visual
         self.spec = spec
         self.layer = layer
         self.model_name = model_name
+        self.pretrained = pretrained
 
     @property
     def image_transform(self) -> Callable:
@@ -129,4 +132,4 @@ def build_vision_tower(model_name: str, pretrained: str | None = None, layer: in
         visual, _ = _create(model_name, pretrained, device="cpu")
     if pretrained is None:
         log.info("open_clip %s built with seeded random weights (vision_pretrained is None).", model_name)
-    return VisionTower(visual, spec, layer=layer, model_name=model_name)
+    return VisionTower(visual, spec, layer=layer, model_name=model_name, pretrained=pretrained)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from dress_lightning.models.vision import VisionTower
@@ -51,12 +51,24 @@ class VisionLanguageModel(nn.Module):
         """Images (B, 3, H, W) -> projected patch embeddings (B, N, D_text)."""
         return self.projector(self.vision(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with every ``<image>`` token replaced by a patch embedding."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, D) with every ``<image>`` token replaced by a patch embedding.
+
+        Images come as ``pixel_values`` (B, 3, H, W), or as the vision tower's patch features
+        ``image_features`` (B, N, D_vision) precomputed for a frozen tower (``VisionFeatureCache``).
+        """
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass pixel_values or precomputed image_features, not both.")
+        images = pixel_values if pixel_values is not None else image_features
         embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask = input_ids == self.image_token_id  # (B, T)
         per_row = image_mask.sum(dim=1)
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        num_images = 0 if images is None else images.shape[0]
         # One image per sample, in batch order: every row must hold exactly N placeholders.
         expected = torch.full_like(per_row, self.num_image_tokens if num_images else 0)
         if num_images not in (0, input_ids.shape[0]) or not torch.equal(per_row, expected):
@@ -68,7 +80,14 @@ class VisionLanguageModel(nn.Module):
             )
         if num_images == 0:
             return embeds
-        features = self.encode_images(pixel_values).to(embeds.dtype)  # (B, N, D)
+        if image_features is None:
+            image_features = self.vision(pixel_values)  # (B, N, D_vision)
+        elif image_features.shape[1] != self.num_image_tokens:
+            raise ImageTokenMismatchError(
+                f"image_features hold {image_features.shape[1]} patch(es) per image; this model's vision tower "
+                f"gives {self.num_image_tokens}: were they computed by another tower?"
+            )
+        features = self.projector(image_features).to(embeds.dtype)  # (B, N, D)
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
     def forward(
@@ -77,10 +96,14 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Hugging Face style forward; ``loss`` is the mean next-token loss over ``labels`` != -100."""
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        """Hugging Face style forward; ``loss`` is the mean next-token loss over ``labels`` != -100.
+
+        ``image_features`` (B, N, D_vision) replace ``pixel_values`` when a frozen tower's features were cached.
+        """
+        inputs_embeds = self.embed(input_ids, pixel_values, image_features)
         return self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )
@@ -99,24 +122,55 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Batched generation for left-padded prompts (B, T) with KV cache; returns new tokens (B, T_new).
 
-        Sequences that stop early are padded with ``pad_token_id``. Sampling draws from torch's
-        global RNG: seed it (``lightning.seed_everything``) for reproducible samples.
+        Sequences that stop early are padded with ``pad_token_id``. A row that has stopped leaves the
+        batch (and the KV cache), so later steps only compute the rows still generating: the cost of a
+        batch follows the sum of its answers' lengths, not batch size x the longest answer. Sampling
+        draws from torch's global RNG: seed it (``lightning.seed_everything``) for reproducible samples.
         """
         if (attention_mask[:, -1] == 0).any():
             raise ValueError(
                 "generate() needs left-padded prompts (the last position of every row must be a real token); "
                 "set tokenizer.padding_side = 'left' when batching prompts."
             )
-        sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-            **sampling,
-        )
-        inputs_embeds = self.embed(input_ids, pixel_values)
-        return self.language_model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config
-        )
+        stops = self.eos_token_id if eos_token_id is None else eos_token_id
+        stops = torch.tensor([stops] if isinstance(stops, int) else list(stops), dtype=torch.long,
+                             device=input_ids.device)
+        lm = self.language_model
+        new_tokens = torch.full((input_ids.shape[0], max_new_tokens), self.pad_token_id, device=input_ids.device)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # batch row of each active sequence
+        mask = attention_mask
+        cache = DynamicCache(config=lm.config)
+        # Left padding: positions count real tokens only (as transformers' generate does).
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = lm(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V)
+        steps = 0
+        for step in range(max_new_tokens):
+            tokens = _next_tokens(logits.float(), do_sample, temperature, top_p)  # (b,)
+            new_tokens[rows, step] = tokens
+            steps = step + 1
+            going = ~torch.isin(tokens, stops)
+            if step + 1 == max_new_tokens or not going.any():
+                break
+            if not going.all():
+                keep = going.nonzero().squeeze(1)
+                rows, tokens, mask = rows[keep], tokens[keep], mask[keep]
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            logits = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                        past_key_values=cache, use_cache=True).logits[:, -1]
+        return new_tokens[:, :steps]
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
+    """Greedy or nucleus-sampled next tokens (b,) from logits (b, V), as transformers' warpers do it."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)  # ascending
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)

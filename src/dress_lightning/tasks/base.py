@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from dress_lightning.models import VisionLanguageConfig, build_tokenizer, build_vision_language_model, count_parameters
-from dress_lightning.tasks.losses import masked_lm_loss
+from dress_lightning.models.feature_cache import VisionFeatureCache
+from dress_lightning.tasks.losses import masked_lm_loss, predicting_positions, selected_lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class VisionLanguageTask(L.LightningModule):
         generation: GenerationSettings | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        cache_image_features: bool = False,
     ) -> None:
         """
         Args:
@@ -81,6 +83,9 @@ class VisionLanguageTask(L.LightningModule):
             generation: Decoding settings of ``predict`` (and rollouts).
             optimizer: Optimizer over the trainable parameters (YAML: ``class_path: torch.optim.AdamW``).
             scheduler: Learning-rate scheduler, stepped every optimizer step.
+            cache_image_features: Keep the frozen vision tower's features of every image in memory and reuse
+                them in later epochs instead of running the tower again (needs ``freeze_vision``; batches must
+                carry ``image_ids``, as ``ShardDataModule``'s do).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -91,8 +96,10 @@ class VisionLanguageTask(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.strict_loading = False
+        self.cache_image_features = cache_image_features
         self.model = None
         self.tokenizer = None
+        self.feature_cache: VisionFeatureCache | None = None
         self._last_step_time: float | None = None
 
     # -- building -----------------------------------------------------------------------------
@@ -113,6 +120,8 @@ class VisionLanguageTask(L.LightningModule):
             self._load_init_checkpoint(self.init_checkpoint)
         if self.device_mesh is not None:
             self._shard(self.device_mesh)
+        if self.cache_image_features:
+            self.feature_cache = VisionFeatureCache(self.model.vision)
         log.info("%s: %s", type(self).__name__, count_parameters(self.model))
 
     def _add_lora(self) -> None:
@@ -168,10 +177,27 @@ class VisionLanguageTask(L.LightningModule):
 
     # -- steps --------------------------------------------------------------------------------
 
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's inputs from a batch; with the feature cache, cached vision features replace the pixels."""
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        if self.feature_cache is not None:
+            if "image_ids" not in batch:
+                raise ValueError(
+                    "model.init_args.cache_image_features needs batches that carry image_ids (ShardDataModule's "
+                    "do); turn the cache off or add image ids to the batches."
+                )
+            inputs["image_features"] = self.feature_cache(inputs.pop("pixel_values"), batch["image_ids"])
+        return inputs
+
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean next-token loss over the labelled (assistant) tokens of the batch."""
-        logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits  # (B, T, V)
-        return masked_lm_loss(logits, batch["labels"])
+        labels = batch["labels"]
+        positions = predicting_positions(labels)  # (B, T)
+        # Logits only where the loss reads them: the LM head and softmax skip image, prompt and padding.
+        logits = self.model(**self.model_inputs(batch), logits_to_keep=positions).logits  # (M, V)
+        if logits.ndim == 3:  # an LM whose forward ignores a position mask returns all (B, T, V)
+            return masked_lm_loss(logits, labels)
+        return selected_lm_loss(logits, labels, positions)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)

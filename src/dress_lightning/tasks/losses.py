@@ -8,6 +8,11 @@ import torch.nn.functional as F
 from dress_lightning.conversation import IGNORE_INDEX
 
 
+def _check_labelled(shifted_labels: torch.Tensor) -> None:
+    if not (shifted_labels != IGNORE_INDEX).any():
+        raise ValueError("Batch has no labelled token: every sample was fully masked (check the label masks).")
+
+
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not ``IGNORE_INDEX``.
 
@@ -16,8 +21,27 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     shifted_logits = logits[:, :-1].float()  # (B, T-1, V)
     shifted_labels = labels[:, 1:]  # (B, T-1)
-    if not (shifted_labels != IGNORE_INDEX).any():
-        raise ValueError("Batch has no labelled token: every sample was fully masked (check the label masks).")
+    _check_labelled(shifted_labels)
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
+
+
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions t whose next token t+1 is labelled, the only logits the loss needs."""
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return positions
+
+
+def selected_lm_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``masked_lm_loss`` from logits (M, V) computed only at the M ``predicting_positions`` (row-major order).
+
+    Same value as the full loss; the LM head and the softmax skip image, prompt and padding positions
+    (Hugging Face causal LMs take the mask as ``logits_to_keep``).
+    """
+    _check_labelled(labels[:, 1:])
+    targets = labels[:, 1:][positions[:, :-1]]  # (M,)
+    if logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logit row(s) for {targets.shape[0]} labelled position(s).")
+    return F.cross_entropy(logits.float(), targets)

@@ -1,0 +1,132 @@
+"""Generation throughput: our batched generation (batch 1, 8, 32) vs per-sample generation as LLaVA's CLI does it.
+
+The reference is HF ``LlavaForConditionalGeneration`` with our weights (copied), called once per prompt with
+one image (``model.generate(input_ids, pixel_values=...)``, KV cache, greedy), as ``llava/serve/cli.py`` does.
+Ours: ``VisionLanguageModel.generate`` on left-padded batches of the same ShapeWorld prompts (vicuna_v1
+template). Greedy outputs must be identical token for token; samples/s are medians over interleaved rounds.
+
+    flock /tmp/dress-cpu.lock python bench/generation_throughput.py --checkpoint CKPT --json bench/results/generation_throughput.json
+
+``--checkpoint`` takes a task checkpoint of the same config (``mlp2x_gelu`` projector, which HF LLaVA has), e.g.
+from ``python -m dress_lightning fit -c configs/sft.yaml --model.init_args.model.projector mlp2x_gelu``;
+without one the LM is random (every answer then runs to ``--max-new-tokens``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from itertools import islice
+
+import torch
+from common import build_llava_reference, ensure_shapeworld, median, print_table, write_json
+
+from dress_lightning.data.datamodule import ShardDataModule, left_pad
+from dress_lightning.models import VisionLanguageConfig
+from dress_lightning.tasks import SFTTask
+
+
+def prompts(directory: str, config: VisionLanguageConfig, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids (T,), pixel_values (3, H, W)) of the first ``count`` prompts, unpadded."""
+    dm = ShardDataModule(predict_shards=directory, model=config, batch_size=1, num_workers=0)
+    dm.setup()
+    return [(b["input_ids"][0], b["pixel_values"][0]) for b in islice(dm.predict_dataloader(), count)]
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def ours_generate(model, items, batch_size: int, max_new_tokens: int, pad: int, eos: int) -> list[list[int]]:
+    outputs = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        input_ids, attention_mask = left_pad([ids for ids, _ in chunk], pad)
+        new = model.generate(input_ids, attention_mask, torch.stack([px for _, px in chunk]),
+                             max_new_tokens=max_new_tokens)  # (B, T_new)
+        outputs += [until_eos(row, eos) for row in new.tolist()]
+    return outputs
+
+
+@torch.no_grad()
+def reference_generate(reference, items, max_new_tokens: int, eos: int) -> list[list[int]]:
+    outputs = []
+    for ids, pixels in items:  # one conversation, one image per call: the CLI's loop
+        out = reference.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
+                                 pixel_values=pixels[None], max_new_tokens=max_new_tokens, do_sample=False,
+                                 use_cache=True)
+        outputs.append(until_eos(out[0, ids.shape[0] :].tolist(), eos))
+    return outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="task checkpoint (mlp2x_gelu projector); default: random weights")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapeworld-dir", default="/tmp/dress-bench/shapeworld-val")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+
+    config = VisionLanguageConfig(projector="mlp2x_gelu")
+    task = SFTTask(model=config, init_checkpoint=args.checkpoint)
+    task.configure_model()
+    ours, tokenizer = task.model.eval(), task.tokenizer
+    reference = build_llava_reference(ours, tokenizer).eval()
+    items = prompts(str(ensure_shapeworld(args.shapeworld_dir, samples=200, shard_size=100, split="val")), config,
+                    args.prompts)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    runs = {f"ours_batch_{b}": (lambda b=b: ours_generate(ours, items, b, args.max_new_tokens, pad, eos))
+            for b in args.batch_sizes}
+    runs["hf_llava_per_sample"] = lambda: reference_generate(reference, items, args.max_new_tokens, eos)
+    warm = items[:2]
+    ours_generate(ours, warm, 2, 4, pad, eos)
+    reference_generate(reference, warm, 4, eos)
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    outputs: dict[str, list[list[int]]] = {}
+    names = list(runs)
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+            start = time.perf_counter()
+            outputs[name] = runs[name]()
+            times[name].append(time.perf_counter() - start)
+
+    expected = outputs["hf_llava_per_sample"]
+    new_tokens = sum(len(o) for o in expected)
+    ref_rate = args.prompts / median(times["hf_llava_per_sample"])
+    results, rows = {}, []
+    for name in names:
+        rate = args.prompts / median(times[name])
+        mismatches = sum(a != b for a, b in zip(outputs[name], expected))
+        results[name] = {"samples_per_s": rate, "new_tokens_per_s": new_tokens / median(times[name]),
+                         "speedup_vs_per_sample": rate / ref_rate, "outputs_differing": mismatches,
+                         "times_s": times[name]}
+        rows.append([name, rate, new_tokens / median(times[name]), rate / ref_rate, mismatches])
+    print_table(["generation", "samples/s", "new tokens/s", "x per-sample HF", "outputs differing"], rows)
+    lengths = [len(o) for o in expected]
+    print(f"answer lengths: min {min(lengths)}, median {median(lengths)}, max {max(lengths)} (cap {args.max_new_tokens})")
+    largest = f"ours_batch_{max(args.batch_sizes)}"
+    speedup = results[largest]["speedup_vs_per_sample"]
+    identical = all(r["outputs_differing"] == 0 for r in results.values())
+    write_json(args.json, {
+        "speedup": speedup,
+        "speedup_is": f"{largest} samples/s / hf_llava_per_sample samples/s",
+        "target": ">= 5 at batch 32 with identical greedy outputs",
+        "met": speedup >= 5 and identical,
+        "identical_outputs": identical,
+        "settings": {**vars(args), "decoding": "greedy, KV cache", "precision": "fp32"},
+        "answer_lengths": {"min": min(lengths), "median": median(lengths), "max": max(lengths),
+                           "at_cap": sum(n >= args.max_new_tokens for n in lengths)},
+        "results": results,
+        "example_answer": tokenizer.decode(expected[0], skip_special_tokens=True),
+    })
+
+
+if __name__ == "__main__":
+    main()

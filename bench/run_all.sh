@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run every benchmark in turn, each under the machine's CPU lock, writing bench/results/*.json.
+#   bash bench/run_all.sh [CHECKPOINT]
+# CHECKPOINT: an SFT task checkpoint with the mlp2x_gelu projector (HF LLaVA's), for generation with real
+# answer lengths; made by `python -m dress_lightning fit -c configs/sft.yaml --model.init_args.model.projector mlp2x_gelu`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
+LOCK=(flock /tmp/dress-cpu.lock)
+checkpoint=(${1:+--checkpoint "$1"})
+"${LOCK[@]}" python bench/generation_throughput.py "${checkpoint[@]}" --json bench/results/generation_throughput.json
+"${LOCK[@]}" python bench/train_throughput.py --json bench/results/train_throughput.json
+"${LOCK[@]}" python bench/train_step_profile.py --profile --json bench/results/train_step_profile.json
+"${LOCK[@]}" python bench/data_throughput.py --json bench/results/data_throughput.json
+"${LOCK[@]}" python bench/utilization.py --profile --json bench/results/utilization.json
+"${LOCK[@]}" python bench/feature_cache.py --json bench/results/feature_cache.json
+"${LOCK[@]}" python bench/memory.py --json bench/results/memory.json
+python bench/report.py
