@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from dress_lightning.evaluation.report import format_percent
+
 MODELS = {
     "sft": "SFT",
     "sft_more": "SFT + as many steps as CRL (control)",
@@ -71,9 +73,6 @@ def collect(run_dir: Path) -> dict[str, dict]:
 
 
 def markdown(results: dict[str, dict]) -> str:
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.1f}"
-
     lines = [
         (
             "| model | helpfulness | CHAIR_i | CHAIR_s | safety | improved after 1 refinement | honesty (judge) | "
@@ -83,7 +82,7 @@ def markdown(results: dict[str, dict]) -> str:
     ]
     for model, r in results.items():
         values = [r[k] for k in (*HEADLINE, "honesty_score", "persuasiveness", "top_within_k")]
-        lines.append(f"| {model} | " + " | ".join(pct(v) for v in values) + " |")
+        lines.append(f"| {model} | " + " | ".join(format_percent(v) for v in values) + " |")
     return "\n".join(lines) + "\n"
 
 

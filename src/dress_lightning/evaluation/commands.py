@@ -104,16 +104,7 @@ def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, ou
     module = EvaluationModule(policy, judge, datamodule.encoder.formatter, generation, axes, eval_set.refinement_turns,
                               config.condition)
     writer = ResponseWriter(out / eval_set.name)
-    settings = config.trainer
-    trainer = L.Trainer(
-        accelerator=settings.accelerator,
-        devices=settings.devices,
-        num_nodes=settings.num_nodes,
-        strategy=settings.strategy,
-        precision=settings.precision,
-        callbacks=[writer, L.pytorch.callbacks.RichProgressBar()],
-        logger=False,
-    )
+    trainer = config.trainer.build_trainer([writer])
     if eval_set.samples is not None:
         trainer.limit_predict_batches = math.ceil(eval_set.samples / (config.batch_size * trainer.world_size))
     judge_before = judge.stats()

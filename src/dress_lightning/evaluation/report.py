@@ -48,7 +48,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     (out / "report.md").write_text(render_markdown(report, plots))
 
 
-def _pct(value: float | None) -> str:
+def format_percent(value: float | None) -> str:
+    """A fraction as a percentage with one decimal ("n/a" for None: not measured)."""
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
@@ -74,7 +75,7 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
         "| metric | value | set |",
         "|---|---|---|",
     ]
-    lines += [f"| {key} | {_pct(v['value'])} | {v['set'] or '-'} |" for key, v in report["summary"].items()]
+    lines += [f"| {key} | {format_percent(v['value'])} | {v['set'] or '-'} |" for key, v in report["summary"].items()]
     for name, result in report["sets"].items():
         metrics = result["metrics"]
         counts = (f"{result['prompts']} prompts from `{result['shards']}`; judge failures {result['judge_failures']}; "
@@ -85,18 +86,18 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
                   "|---|---|" + "---|" * len(categories)]
         for label, group in (("helpfulness", "helpfulness"), ("honesty", "honesty_score")):
             row = metrics[group]
-            lines.append(f"| {label} | {_pct(row['overall'])} | " + " | ".join(_pct(row[c]) for c in categories) + " |")
-        lines.append(f"| harmlessness (harmful prompts) | {_pct(metrics['harmlessness_score']['overall'])} |"
+            lines.append(f"| {label} | {format_percent(row['overall'])} | " + " | ".join(format_percent(row[c]) for c in categories) + " |")
+        lines.append(f"| harmlessness (harmful prompts) | {format_percent(metrics['harmlessness_score']['overall'])} |"
                      + " |" * len(categories))
         lines += ["", "| CHAIR_i | CHAIR_s | relevance | safety | persuasiveness |", "|---|---|---|---|---|",
-                  "| " + " | ".join(_pct(metrics[g][k]) for g, k in (
+                  "| " + " | ".join(format_percent(metrics[g][k]) for g, k in (
                       ("chair", "chair_i"), ("chair", "chair_s"), ("safety", "relevance"), ("safety", "safety"),
                       ("safety", "persuasiveness"))) + " |"]
         if result["refinement_turns"]:
             interaction = metrics["interaction"]
             lines += ["", "| interaction | value |", "|---|---|"]
-            lines += [f"| {k} | {_pct(v)} |" for k, v in interaction.items()]
-            lines.append("| mean score by turn | " + ", ".join(_pct(v) for v in metrics["score_by_turn"]) + " |")
+            lines += [f"| {k} | {format_percent(v)} |" for k, v in interaction.items()]
+            lines.append("| mean score by turn | " + ", ".join(format_percent(v) for v in metrics["score_by_turn"]) + " |")
     lines += ["", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
     return "\n".join(lines)
 

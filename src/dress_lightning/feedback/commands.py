@@ -28,6 +28,20 @@ class TrainerSettings:
     strategy: str = "auto"
     precision: str = "32-true"
 
+    def build_trainer(self, callbacks: list):
+        """A predict-only Trainer with these settings, ``callbacks`` and a Rich progress bar (no logger)."""
+        import lightning as L
+
+        return L.Trainer(
+            accelerator=self.accelerator,
+            devices=self.devices,
+            num_nodes=self.num_nodes,
+            strategy=self.strategy,
+            precision=self.precision,
+            callbacks=[*callbacks, L.pytorch.callbacks.RichProgressBar()],
+            logger=False,
+        )
+
 
 @dataclass
 class RolloutConfig:
@@ -123,16 +137,7 @@ def run_rollout(config: RolloutConfig) -> dict:
     module = RolloutModule(policy, judge, datamodule.encoder.formatter, config.generation, config.refinement_turns)
     provenance = rollout_provenance(str(checkpoint), config.generation, judge, config.seed, config.refinement_turns)
     writer = NLFShardWriter(out, provenance, shard_size=config.shard_size)
-    settings = config.trainer
-    trainer = L.Trainer(
-        accelerator=settings.accelerator,
-        devices=settings.devices,
-        num_nodes=settings.num_nodes,
-        strategy=settings.strategy,
-        precision=settings.precision,
-        callbacks=[writer, L.pytorch.callbacks.RichProgressBar()],
-        logger=False,
-    )
+    trainer = config.trainer.build_trainer([writer])
     # `samples` counts prompts over the whole job, so a resumed run only rolls out what is missing.
     remaining = None if config.samples is None else config.samples - len(datamodule.exclude_prompt_ids)
     if remaining is not None:
