@@ -17,6 +17,8 @@ commands:
   data      build, convert and inspect WebDataset shards (shapeworld, convert-*, inspect)
   feedback  NLF data engine: `feedback rollout -c configs/rollout.yaml` (rollouts, judges, refinement)
   evaluate  3H + interaction metrics and a report: `evaluate -c configs/eval.yaml [--ckpt PATH] [--out DIR]`
+  probe-tower
+            does a vision tower see ShapeWorld? caption retrieval and linear probes of colour, shape, position
 
 Run `dress-lightning COMMAND --help` for the options of a command."""
 
@@ -39,6 +41,12 @@ def _evaluate_main(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _probe_tower_main(argv: Sequence[str]) -> int:
+    from dress_lightning.evaluation.tower import main
+
+    return main(argv)
+
+
 def _lightning_main(subcommand: str) -> Callable[[Sequence[str]], int]:
     def run(argv: Sequence[str]) -> int:
         from dress_lightning.lightning_cli import main
@@ -53,6 +61,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "data": _data_main,
     "feedback": _feedback_main,
     "evaluate": _evaluate_main,
+    "probe-tower": _probe_tower_main,
 }
 
 

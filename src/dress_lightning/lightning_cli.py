@@ -10,9 +10,10 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from jsonargparse import lazy_instance, set_parsing_settings
+from lightning.pytorch import LightningModule
 
 from dress_lightning.data.datamodule import ShardDataModule
-from dress_lightning.tasks import VisionLanguageTask
+from dress_lightning.stages import build_missing_inputs
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
@@ -42,28 +43,56 @@ class DressCLI(LightningCLI):
         parser.link_arguments("model.init_args.model", "data.init_args.model", apply_on="parse")
 
     def before_instantiate_classes(self) -> None:
-        if torch.cuda.is_available():
-            return
         config = self.config.get(self.subcommand, self.config)
-        trainer = config["trainer"]
-        problems = []
-        accelerator = str(trainer.get("accelerator") or "auto")
-        if accelerator in ("gpu", "cuda"):
-            problems.append(f"trainer.accelerator={accelerator!r}: use accelerator: cpu (or auto)")
-        strategy = trainer.get("strategy")
-        strategy_name = strategy if isinstance(strategy, str) else ""
-        for key, fix in GPU_ONLY["strategy"].items():
-            if strategy_name.startswith(key):
-                problems.append(f"trainer.strategy={strategy_name!r}: use {fix}")
-        precision = str(trainer.get("precision"))
-        if precision in GPU_ONLY["precision"]:
-            problems.append(f"trainer.precision={precision!r}: use {GPU_ONLY['precision'][precision]}")
-        if problems:
-            raise SystemExit(
-                "This machine has no GPU, but the config asks for GPU-only settings:\n  - "
-                + "\n  - ".join(problems)
-                + "\nChange them in the YAML or on the command line (e.g. --trainer.precision bf16-mixed)."
-            )
+        if not torch.cuda.is_available():
+            _refuse_gpu_only_settings(config["trainer"])
+        # Missing inputs this config reads are built by their stages now, before any Trainer exists.
+        if build_missing_inputs(stage_inputs(config)):
+            self._set_seed()  # those stages seeded the global RNGs; this run starts from its own seed
+
+
+def stage_inputs(config) -> dict[str, str | None]:
+    """The paths a training config reads that an earlier stage may write (option -> path)."""
+
+    def get(key: str) -> str | None:
+        value = config.get(key)
+        return value if isinstance(value, str) else None
+
+    return {
+        "model.init_args.model.vision_pretrained": get("model.init_args.model.vision_pretrained"),
+        "model.init_args.init_checkpoint": get("model.init_args.init_checkpoint"),
+        "data.init_args.nlf_shards": get("data.init_args.nlf_shards"),
+    }
+
+
+def _refuse_gpu_only_settings(trainer) -> None:
+    """Stop with the fix when a CPU-only machine is asked for GPU-only settings."""
+    problems = []
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator in ("gpu", "cuda"):
+        problems.append(f"trainer.accelerator={accelerator!r}: use accelerator: cpu (or auto)")
+    strategy = trainer.get("strategy")
+    strategy_name = strategy if isinstance(strategy, str) else ""
+    for key, fix in GPU_ONLY["strategy"].items():
+        if strategy_name.startswith(key):
+            problems.append(f"trainer.strategy={strategy_name!r}: use {fix}")
+    precision = str(trainer.get("precision"))
+    if precision in GPU_ONLY["precision"]:
+        problems.append(f"trainer.precision={precision!r}: use {GPU_ONLY['precision'][precision]}")
+    if problems:
+        raise SystemExit(
+            "This machine has no GPU, but the config asks for GPU-only settings:\n  - "
+            + "\n  - ".join(problems)
+            + "\nChange them in the YAML or on the command line (e.g. --trainer.precision bf16-mixed)."
+        )
+
+
+def fit(config_files: Sequence[str], overrides: Sequence[str] = ()) -> None:
+    """Train the task ``config_files`` describe (composed in order, then ``overrides``), as ``fit -c ...`` does."""
+    args = ["fit"]
+    for path in config_files:
+        args += ["-c", path]
+    main([*args, *overrides])
 
 
 def main(argv: Sequence[str]) -> int:
@@ -74,7 +103,8 @@ def main(argv: Sequence[str]) -> int:
     # (`${trainer.max_steps}`, not `${fit.trainer.max_steps}`).
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     DressCLI(
-        model_class=VisionLanguageTask,
+        # Any task: the vision-language objectives (VisionLanguageTask) and the tower's contrastive stage.
+        model_class=LightningModule,
         datamodule_class=ShardDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

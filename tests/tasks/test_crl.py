@@ -5,10 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from dress_lightning.cli import main
 from dress_lightning.conditions import ConditionSettings, render_condition, target_condition
 from dress_lightning.conversation import IGNORE_INDEX, ConversationFormatter
 from dress_lightning.data.crl import ConditionedEncoder, TurnSelection
@@ -160,34 +158,3 @@ def test_condition_controls_a_trained_toy_model(formatter):
 
     assert answer(task.generation_condition()) == good
     assert answer(render_condition(_feedback(1.0, "Wrong."), settings)) == bad
-
-
-@pytest.mark.slow
-def test_main_job_runs_a_few_steps(tmp_path):
-    """fit -c configs/crl.yaml end to end: SFT checkpoint and NLF shards built inside the same command."""
-    sft = ["-c", str(ROOT / "configs/overlays/ci_tiny.yaml"), "--trainer.max_steps", "2",
-           "--trainer.logger", "false", "--trainer.callbacks.init_args.dirpath", str(tmp_path / "sft"),
-           "--data.init_args.train_shards", str(tmp_path / "train"), "--data.init_args.val_shards", str(tmp_path / "val")]
-    sft_config = tmp_path / "sft.yaml"
-    sft_config.write_text((ROOT / "configs/sft.yaml").read_text())
-    # The rollout config the CRL job falls back on: tiny, and training its SFT policy if missing.
-    rollout = yaml.safe_load((ROOT / "configs/rollout.yaml").read_text())
-    rollout.update(checkpoint=str(tmp_path / "sft" / "last.ckpt"), train_config_if_missing=None,
-                   prompts=str(tmp_path / "prompts"), batch_size=2, num_workers=0,
-                   prompts_shapeworld={"split": "train", "samples": 4, "seed": 1, "shard_size": 2})
-    rollout["generation"]["max_new_tokens"] = 16
-    rollout_config = tmp_path / "rollout.yaml"
-    rollout_config.write_text(yaml.safe_dump(rollout))
-    main(["fit", "-c", str(sft_config), *sft])
-    main(["fit", "-c", str(ROOT / "configs/crl.yaml"), "-c", str(ROOT / "configs/overlays/ci_tiny.yaml"),
-          "--model.init_args.init_checkpoint", str(tmp_path / "sft" / "last.ckpt"),
-          "--model.init_args.scheduler.init_args.total_steps", "6",
-          "--trainer.default_root_dir", str(tmp_path / "crl"), "--trainer.logger.init_args.save_dir",
-          str(tmp_path / "crl"), "--trainer.callbacks.init_args.dirpath", str(tmp_path / "crl" / "checkpoints"),
-          "--data.init_args.nlf_shards", str(tmp_path / "nlf"), "--data.init_args.nlf_rollout_config",
-          str(rollout_config), "--data.init_args.train_shards", str(tmp_path / "train"),
-          "--data.init_args.val_shards", str(tmp_path / "val"), "--data.init_args.epoch_length", "64"])
-    assert (tmp_path / "crl" / "checkpoints" / "last.ckpt").exists()
-    assert list((tmp_path / "nlf").glob("rollout-*.tar"))
-    metrics = (tmp_path / "crl" / "version_0" / "metrics.csv").read_text()
-    assert "train/loss" in metrics and "val/loss" in metrics

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from dress_lightning.conditions import ConditionSettings, mean_score, render_condition, target_condition
@@ -98,8 +97,8 @@ class CRLDataModule(ShardDataModule):
         """
         Args:
             nlf_shards: NLF shards (rollout output or converted ``LVLM_NLF``): trajectories with feedback.
-            nlf_rollout_config: If ``nlf_shards`` (a directory) holds no shards, build them first with
-                ``feedback rollout -c`` this config (None: fail instead).
+            nlf_rollout_config: Deprecated and ignored: missing NLF shards are built by the stage graph
+                (``dress_lightning.stages``) before training starts.
             sft_weight: Fraction of training samples drawn from ``train_shards`` (SFT data, target-conditioned).
             condition: How feedback is rendered as condition text (link it to the task's: ``${model.init_args.condition}``).
             turns: Which trajectory turns carry loss.
@@ -112,25 +111,14 @@ class CRLDataModule(ShardDataModule):
         if nlf_shards is None:
             raise ValueError("data.init_args.nlf_shards is required for conditional RL.")
         self.nlf_shards = nlf_shards
-        self.nlf_rollout_config = nlf_rollout_config
+        if nlf_rollout_config is not None:
+            log.warning("data.init_args.nlf_rollout_config is deprecated and ignored: the stage graph "
+                        "(dress_lightning.stages) builds missing NLF shards before training starts.")
         self.sft_weight = sft_weight
         self.condition = condition or ConditionSettings()
         self.turns = turns or TurnSelection()
         if self.predict_condition is None:
             self.predict_condition = target_condition(self.condition)
-
-    def prepare_data(self) -> None:
-        super().prepare_data()
-        out = Path(self.nlf_shards) if isinstance(self.nlf_shards, str) else None
-        if out is None or "{" in str(out) or ":" in str(out) or (out.is_dir() and any(out.glob("*.tar"))):
-            return
-        if self.nlf_rollout_config is None:
-            raise FileNotFoundError(f"No NLF shards in {out}; run `feedback rollout` or set data.nlf_rollout_config.")
-        from dress_lightning.feedback.commands import main as feedback_main
-
-        log.warning("No NLF shards in %s: building them with feedback rollout -c %s.", out, self.nlf_rollout_config)
-        if feedback_main(["rollout", "-c", self.nlf_rollout_config, "--out", str(out)]) != 0:
-            raise RuntimeError(f"feedback rollout -c {self.nlf_rollout_config} failed.")
 
     def make_encoder(self, formatter: ConversationFormatter, image_transform: Callable) -> SampleEncoder:
         return ConditionedEncoder(formatter, image_transform, self.condition, self.turns)

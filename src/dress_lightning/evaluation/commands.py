@@ -46,6 +46,8 @@ class EvalSet:
     """K for the interaction axis: judge-refinement rounds after the first answer (0: first answers only)."""
     generation: GenerationSettings | None = None
     """Decoding of this set (None: the job's ``generation``), e.g. CHAIR's long greedy captions."""
+    controls: list[Literal["blank", "shuffled"]] = field(default_factory=list)
+    """Blind controls: answer the same prompts again with a blank image / another prompt's image (grounding)."""
 
 
 @dataclass
@@ -80,8 +82,13 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, out: Path) -> dict[str, Any]:
-    """Answer, judge and score one eval set; writes its responses (per rank) and returns its results."""
+def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, out: Path,
+                 image_control: str = "image") -> dict[str, Any]:
+    """Answer, judge and score one eval set; writes its responses (per rank) and returns its results.
+
+    ``image_control`` other than ``image`` answers with blank or shuffled images (a blind control);
+    its responses go to ``out / <set> / <control>``.
+    """
     import lightning as L
 
     from dress_lightning.data.datamodule import ShardDataModule
@@ -102,8 +109,8 @@ def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, ou
     generation = eval_set.generation or config.generation
     axes = Axes(eval_set.categories, eval_set.vocabulary, eval_set.chair_categories)
     module = EvaluationModule(policy, judge, datamodule.encoder.formatter, generation, axes, eval_set.refinement_turns,
-                              config.condition)
-    writer = ResponseWriter(out / eval_set.name)
+                              config.condition, image_control)
+    writer = ResponseWriter(out / eval_set.name / ("" if image_control == "image" else image_control))
     trainer = config.trainer.build_trainer([writer])
     if eval_set.samples is not None:
         trainer.limit_predict_batches = math.ceil(eval_set.samples / (config.batch_size * trainer.world_size))
@@ -180,6 +187,11 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         log.info("Evaluating %s on %s (%s).", config.ckpt, eval_set.name, eval_set.shards)
         results = evaluate_set(config, eval_set, policy, judge, out)
         is_global_zero = results.pop("is_global_zero")
+        results["controls"] = {}
+        for control in eval_set.controls:
+            log.info("Blind control on %s: %s images.", eval_set.name, control)
+            controlled = evaluate_set(config, eval_set, policy, judge, out, image_control=control)
+            results["controls"][control] = {"metrics": controlled["metrics"], "prompts": controlled["prompts"]}
         report["sets"][eval_set.name] = results
     report["summary"] = summarize(report["sets"])
     if is_global_zero:
@@ -187,7 +199,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     return report
 
 
-SUMMARY_KEYS: dict[str, tuple[str, str]] = {
+SUMMARY_KEYS: dict[str, tuple[str, str | None]] = {
     "helpfulness": ("helpfulness", "overall"),
     "honesty_score": ("honesty_score", "overall"),
     "harmlessness_score": ("harmlessness_score", "overall"),
@@ -199,6 +211,8 @@ SUMMARY_KEYS: dict[str, tuple[str, str]] = {
     "improved_after_refinement": ("interaction", "improved_after_refinement"),
     "mean_gain": ("interaction", "mean_gain"),
     "top_within_k": ("interaction", "top_within_k"),
+    "accuracy": ("accuracy", "overall"),
+    "distinct_descriptions": ("distinct_descriptions", None),
 }
 """Headline numbers: summary key -> (metric group, key); each from the first set that measured it."""
 
@@ -207,10 +221,15 @@ def summarize(sets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The headline numbers with the set each came from (fractions in [0, 1]; None: not measured)."""
     summary = {}
     for key, (group, name) in SUMMARY_KEYS.items():
-        found = next(((n, s["metrics"][group][name]) for n, s in sets.items() if s["metrics"][group][name] is not None),
-                     (None, None))
+        found = next(((n, v) for n, s in sets.items()
+                      if (v := _metric(s["metrics"], group, name)) is not None), (None, None))
         summary[key] = {"value": found[1], "set": found[0]}
     return summary
+
+
+def _metric(metrics: dict[str, Any], group: str, name: str | None) -> float | None:
+    value = metrics[group]
+    return value if name is None else value[name]
 
 
 def main(argv: Sequence[str]) -> int:

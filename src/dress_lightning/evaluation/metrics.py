@@ -9,10 +9,13 @@ number of ranks equals the single-process result on all of their data. Results a
 - ``SafetyRate``: VLSafe-style relevance, safety and persuasiveness on harmful-intent prompts.
 - ``RefinementGain``: how scores change over the turns of feedback-driven refinement.
 - ``ScoreByTurn``: the mean score at each of those turns (the refinement curve).
+- ``AnswerAccuracy``: exact accuracy per question type (grounding: compare with a blind control).
+- ``DistinctAnswers``: the share of distinct answers (a model blind to the image repeats itself).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -328,3 +331,85 @@ class ScoreByTurn(Metric):
     def compute(self) -> Tensor:
         """(K+1,) mean score / score_max per turn."""
         return (_fraction(self.score_sum, self.score_count) / self.score_max).to(self.dtype)
+
+
+class AnswerAccuracy(Metric):
+    """Exact accuracy of answers, overall and per question type (e.g. ShapeWorld's count, color, shape...).
+
+    ``compute()`` returns ``{"overall": correct / n, "<type>": correct_t / n_t}`` (nan for a type
+    without answers). Run with the image and with a blind control (blank or shuffled images): the gap
+    is how much the answers depend on the image.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, question_types: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        question_types = list(question_types)
+        if len(set(question_types)) != len(question_types) or "overall" in question_types:
+            raise ValueError(f'question types must be unique and not "overall", got {question_types}')
+        self.question_types = question_types
+        self._index = {t: i for i, t in enumerate(question_types)}
+        self.add_state("correct", torch.zeros(len(question_types), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(len(question_types), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, correct: Tensor, question_types: Sequence[str]) -> None:
+        """Add N answers: whether each is correct (N,) bool, and the type of its question."""
+        if correct.ndim != 1 or correct.shape[0] != len(question_types):
+            raise ValueError(
+                f"correct must have shape (N,) with N = len(question_types) = {len(question_types)}, "
+                f"got {tuple(correct.shape)}"
+            )
+        unknown = sorted(set(question_types) - self._index.keys())
+        if unknown:
+            raise ValueError(f"unknown question types {unknown}; valid ones: {self.question_types}")
+        index = torch.tensor([self._index[t] for t in question_types], device=correct.device, dtype=torch.long)
+        one_hot = (index[:, None] == torch.arange(len(self.question_types), device=correct.device)).long()  # (N, T)
+        self.correct += (one_hot * correct.long()[:, None]).sum(0)
+        self.total += one_hot.sum(0)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"overall": ..., "<type>": ...}``: fractions correct (nan without answers)."""
+        overall = _fraction(self.correct.sum(), self.total.sum())
+        per_type = _fraction(self.correct, self.total)
+        result = {"overall": overall, **{t: per_type[i] for i, t in enumerate(self.question_types)}}
+        return {key: value.to(self.dtype) for key, value in result.items()}
+
+
+class DistinctAnswers(Metric):
+    """Distinct answers / answers (1: every answer differs; 1 / n: the same answer to every prompt).
+
+    Answers are compared exactly (after stripping whitespace), through a 64-bit digest per answer;
+    the digests of all ranks are concatenated at ``compute()``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    digests: list[Tensor]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("digests", default=[], dist_reduce_fx="cat")
+
+    def update(self, answers: Sequence[str]) -> None:
+        """Add answers (strings)."""
+        if answers:
+            digests = [
+                int.from_bytes(hashlib.blake2b(a.strip().encode(), digest_size=8).digest(), "big", signed=True)
+                for a in answers
+            ]
+            self.digests.append(torch.tensor(digests, dtype=torch.long, device=self.device))
+
+    def compute(self) -> Tensor:
+        """The share of distinct answers (nan without answers)."""
+        digests = self.digests if isinstance(self.digests, Tensor) else (
+            torch.cat(self.digests) if self.digests else torch.zeros(0, dtype=torch.long)
+        )
+        return _fraction(torch.tensor(digests.unique().numel()), torch.tensor(digests.numel())).to(self.dtype)

@@ -8,7 +8,11 @@ evaluation does. The axes read the trajectories:
 - helpfulness (and the judge's honesty score): first answers to benign prompts, per category;
 - honesty as CHAIR: object mentions of first answers to benign prompts in ``chair_categories``;
 - harmlessness: the judge's VLSafe verdicts and harmlessness score on harmful-intent prompts;
-- interaction: the mean judge score (over aspects) at every turn of every trajectory.
+- interaction: the mean judge score (over aspects) at every turn of every trajectory;
+- grounding: exact accuracy of first answers per ShapeWorld question type, and the share of distinct
+  descriptions. With ``image_control`` the same prompts are answered with a blank image or with the
+  image of another prompt (a blind control): the gap to the real images is how much answers depend
+  on what the model sees. The judge always reads the true annotations.
 
 Metric states are summed across ranks by TorchMetrics when ``compute`` runs, so every rank ends
 with the same results under DDP.
@@ -19,14 +23,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torchmetrics import SumMetric
 
 from dress_lightning.conversation import ConversationFormatter
 from dress_lightning.data.schema import ASPECTS
-from dress_lightning.evaluation.metrics import CHAIR, AspectScore, RefinementGain, SafetyRate, ScoreByTurn
+from dress_lightning.data.shapeworld import QUESTION_TYPES
+from dress_lightning.evaluation.metrics import (
+    CHAIR,
+    AnswerAccuracy,
+    AspectScore,
+    DistinctAnswers,
+    RefinementGain,
+    SafetyRate,
+    ScoreByTurn,
+)
+from dress_lightning.feedback.annotation_judge import answers_correctly
 from dress_lightning.feedback.judges import Judge, JudgeFailure, SafetyVerdict
 from dress_lightning.feedback.rollout import RolloutModule, Trajectory
 from dress_lightning.feedback.synonyms import COCO, SHAPEWORLD, Vocabulary, annotated_objects
@@ -37,6 +51,14 @@ VOCABULARIES: dict[str, Vocabulary] = {"coco": COCO, "shapeworld": SHAPEWORLD}
 
 HARMFUL_CATEGORY = "harmful"
 """The category harmful-intent prompts are reported under (harmlessness axis)."""
+
+ImageControl = Literal["image", "blank", "shuffled"]
+"""What the model sees: the prompt's own image, a blank image, or the image of another prompt."""
+
+GROUNDED_TYPES = tuple(t for t in QUESTION_TYPES if t != HARMFUL_CATEGORY)
+"""ShapeWorld question types with an exact answer (grounding accuracy)."""
+
+DESCRIBE_TYPE = "describe"
 
 
 @dataclass
@@ -51,11 +73,39 @@ class Axes:
     """Benign categories whose first answers CHAIR counts (None: every benign prompt)."""
 
 
+class ImageSwap:
+    """The images a model sees under an image control, batch by batch of one prompt stream.
+
+    ``image``: the prompt's own. ``blank``: a uniform image of the transform's normalisation mean (all
+    zeros after it). ``shuffled``: every prompt gets the image of the prompt before it in the stream
+    (the first prompt of the first batch: that batch's last image), so never its own.
+    """
+
+    def __init__(self, control: ImageControl = "image") -> None:
+        if control not in ("image", "blank", "shuffled"):
+            raise ValueError(f"unknown image control {control!r}; valid: image, blank, shuffled")
+        self.control = control
+        self._previous: torch.Tensor | None = None
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) -> the images shown, (B, 3, H, W)."""
+        if self.control == "image":
+            return pixel_values
+        if self.control == "blank":
+            return torch.zeros_like(pixel_values)
+        if self._previous is None and len(pixel_values) < 2:
+            raise ValueError("the shuffled control needs a first batch of at least 2 prompts (raise batch_size)")
+        previous = pixel_values[-1:] if self._previous is None else self._previous
+        self._previous = pixel_values[-1:].clone()
+        return torch.cat([previous, pixel_values[:-1]])
+
+
 class EvaluationModule(RolloutModule):
     """Answers each prompt once (greedy by default), refines for ``refinement_turns``, updates the metrics.
 
     ``condition`` replaces the policy's own condition in every answer (e.g. a low score, to check that
     a CRL model follows its condition); None keeps the policy's (CRL: the target condition).
+    ``image_control`` replaces the images the model sees (``ImageSwap``); the judge still reads the truth.
     """
 
     def __init__(
@@ -67,6 +117,7 @@ class EvaluationModule(RolloutModule):
         axes: Axes,
         refinement_turns: int = 0,
         condition: str | None = None,
+        image_control: ImageControl = "image",
     ) -> None:
         if generation.num_samples != 1:
             raise ValueError(f"evaluation answers each prompt once; got generation.num_samples={generation.num_samples}")
@@ -85,15 +136,20 @@ class EvaluationModule(RolloutModule):
         self.safety = SafetyRate()
         self.interaction = RefinementGain(max(refinement_turns, 1))
         self.score_by_turn = ScoreByTurn(max(refinement_turns, 1))
+        self.accuracy = AnswerAccuracy(GROUNDED_TYPES)
+        self.distinct_descriptions = DistinctAnswers()
         self.prompts = SumMetric()
+        self.images = ImageSwap(image_control)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        batch["pixel_values"] = self.images(batch["pixel_values"])
         trajectories = super().predict_step(batch, batch_idx)
         self.prompts.update(len(trajectories))
         verdicts = self._safety_verdicts([t for t in trajectories if _harmful(t)])
         self._update_scores(trajectories)
         self._update_chair(trajectories)
         self._update_interaction(trajectories)
+        self._update_grounding(trajectories)
         return [self.record(t, verdicts.get(t.sample.record["id"])) for t in trajectories]
 
     def _safety_verdicts(self, harmful: Sequence[Trajectory]) -> dict[str, SafetyVerdict | JudgeFailure]:
@@ -147,6 +203,21 @@ class EvaluationModule(RolloutModule):
             self.interaction.update(torch.tensor(rows))
             self.score_by_turn.update(torch.tensor(filled))
 
+    def _update_grounding(self, trajectories: Sequence[Trajectory]) -> None:
+        graded, correct = [], []
+        for trajectory in trajectories:
+            answer = trajectory.conversation[1]["content"]
+            verdict = answers_correctly(trajectory.sample.record["annotations"], trajectory.conversation[:1], answer)
+            if verdict is not None:
+                graded.append(trajectory.sample.record["annotations"]["queries"][0]["type"])
+                correct.append(verdict)
+        if graded:
+            self.accuracy.update(torch.tensor(correct), graded)
+            self.distinct_descriptions.update([
+                t.conversation[1]["content"] for t in trajectories
+                if (t.sample.record["annotations"].get("queries") or [{}])[0].get("type") == DESCRIBE_TYPE
+            ])
+
     def record(self, trajectory: Trajectory, verdict: SafetyVerdict | JudgeFailure | None) -> dict[str, Any]:
         """What ``responses.jsonl`` keeps of one prompt: the dialogue with refinements, feedback, verdict."""
         source = trajectory.sample.record
@@ -177,6 +248,8 @@ class EvaluationModule(RolloutModule):
             "safety": _floats(self.safety.compute()),
             "interaction": _floats(self.interaction.compute()),
             "score_by_turn": [None if math.isnan(v) else v for v in self.score_by_turn.compute().tolist()],
+            "accuracy": _floats(self.accuracy.compute()),
+            "distinct_descriptions": _floats({"share": self.distinct_descriptions.compute()})["share"],
         }
 
 

@@ -93,6 +93,8 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
                   "| " + " | ".join(format_percent(metrics[g][k]) for g, k in (
                       ("chair", "chair_i"), ("chair", "chair_s"), ("safety", "relevance"), ("safety", "safety"),
                       ("safety", "persuasiveness"))) + " |"]
+        if metrics.get("accuracy", {}).get("overall") is not None:
+            lines += ["", *grounding_table(metrics, result.get("controls", {}))]
         if result["refinement_turns"]:
             interaction = metrics["interaction"]
             lines += ["", "| interaction | value |", "|---|---|"]
@@ -100,6 +102,20 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
             lines.append("| mean score by turn | " + ", ".join(format_percent(v) for v in metrics["score_by_turn"]) + " |")
     lines += ["", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
     return "\n".join(lines)
+
+
+def grounding_table(metrics: dict[str, Any], controls: dict[str, dict[str, Any]]) -> list[str]:
+    """Exact accuracy per question type with the real images and under each blind control (% correct)."""
+    names = list(controls)
+    lines = ["| exact accuracy | image | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for key, value in metrics["accuracy"].items():
+        if value is None:
+            continue
+        lines.append(f"| {key} | {format_percent(value)} | "
+                     + " | ".join(format_percent(controls[n]["metrics"]["accuracy"][key]) for n in names) + " |")
+    lines.append(f"| distinct descriptions | {format_percent(metrics['distinct_descriptions'])} | "
+                 + " | ".join(format_percent(controls[n]["metrics"]["distinct_descriptions"]) for n in names) + " |")
+    return lines
 
 
 def plot_report(report: dict[str, Any], out: Path) -> list[str]:

@@ -13,6 +13,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from dress_lightning.data.datamodule import ShapeWorldShards
 from dress_lightning.feedback.judges import Judge
+from dress_lightning.stages import build_missing_inputs
 from dress_lightning.tasks.base import GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,10 @@ class RolloutConfig:
     """A rollout job: policy checkpoint, prompts, decoding, judge, refinement turns, output."""
 
     checkpoint: str = "runs/sft/checkpoints/last.ckpt"
-    """Policy checkpoint (a LightningCLI checkpoint of any task)."""
-    train_config_if_missing: str | None = "configs/sft.yaml"
-    """If ``checkpoint`` does not exist, train it first with ``fit -c`` this config (None: fail instead)."""
+    """Policy checkpoint (a LightningCLI checkpoint of any task); if missing, the stage that writes it runs first
+    (``dress_lightning.stages``: ``runs/sft/checkpoints/last.ckpt`` is trained by ``fit -c configs/sft.yaml``)."""
+    train_config_if_missing: str | None = None
+    """Deprecated and ignored: a missing checkpoint is built by the stage graph (``dress_lightning.stages``)."""
     prompts: str = "data/shards/shapeworld/rollout"
     """Prompt shards (directory, brace pattern or URL); the first user turn of each sample is the prompt."""
     prompts_shapeworld: ShapeWorldShards | None = field(
@@ -105,16 +107,10 @@ def run_rollout(config: RolloutConfig) -> dict:
     from dress_lightning.inference import load_task
 
     checkpoint = Path(config.checkpoint)
-    if not checkpoint.is_file():
-        if config.train_config_if_missing is None:
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist.")
-        from dress_lightning.lightning_cli import main as lightning_main
-
-        log.warning("No checkpoint at %s: training it first with fit -c %s.", checkpoint,
-                    config.train_config_if_missing)
-        lightning_main(["fit", "-c", config.train_config_if_missing])
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"fit -c {config.train_config_if_missing} did not write {checkpoint}.")
+    if config.train_config_if_missing is not None:
+        log.warning("train_config_if_missing is deprecated and ignored: the stage graph (dress_lightning.stages) "
+                    "builds a missing checkpoint it knows, and refuses one it does not.")
+    build_missing_inputs({"checkpoint": config.checkpoint})
 
     L.seed_everything(config.seed, workers=True)
     policy = load_task(str(checkpoint))
@@ -150,6 +146,14 @@ def run_rollout(config: RolloutConfig) -> dict:
     return summary
 
 
+def load_rollout_config(config_files: Sequence[str], overrides: Sequence[str] = ()) -> RolloutConfig:
+    """The rollout job that ``-c`` each of ``config_files`` (composed in order) and ``overrides`` describe."""
+    parser = build_parser()
+    args = [arg for path in config_files for arg in ("-c", path)]
+    config = parser.instantiate_classes(parser.parse_args([*args, *overrides]))
+    return RolloutConfig(**{k: v for k, v in vars(config).items() if k in RolloutConfig.__dataclass_fields__})
+
+
 def main(argv: Sequence[str]) -> int:
     """``feedback rollout ...``: the NLF data engine's command."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -158,10 +162,6 @@ def main(argv: Sequence[str]) -> int:
     if argv[0] != "rollout":
         print(f"error: unknown feedback command {argv[0]!r}; valid: rollout")
         return 2
-    parser = build_parser()
-    namespace = parser.parse_args(list(argv[1:]))
-    config = parser.instantiate_classes(namespace)
-    config = RolloutConfig(**{k: v for k, v in vars(config).items() if k in RolloutConfig.__dataclass_fields__})
-    summary = run_rollout(config)
+    summary = run_rollout(load_rollout_config([], argv[1:]))
     print(json.dumps(summary, indent=2))
     return 0

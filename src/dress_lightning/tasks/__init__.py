@@ -1,7 +1,16 @@
 """LightningModules: one per training objective, sharing the backbone and the base task."""
 
 from dress_lightning.tasks.base import GenerationSettings, LoraSettings, VisionLanguageTask
+from dress_lightning.tasks.clip import ContrastiveTowerTask
 from dress_lightning.tasks.crl import CRLTask
 from dress_lightning.tasks.sft import PretrainTask, SFTTask
 
-__all__ = ["CRLTask", "GenerationSettings", "LoraSettings", "PretrainTask", "SFTTask", "VisionLanguageTask"]
+__all__ = [
+    "CRLTask",
+    "ContrastiveTowerTask",
+    "GenerationSettings",
+    "LoraSettings",
+    "PretrainTask",
+    "SFTTask",
+    "VisionLanguageTask",
+]

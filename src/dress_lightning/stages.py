@@ -1,0 +1,105 @@
+"""The stage graph of the embedded default, and the runner that builds a command's missing inputs first.
+
+    ShapeWorld shards -> clip (vision tower) -> pretrain (projector) -> sft -> rollout (NLF shards)
+                      -> crl (or another objective) -> evaluate
+
+Each stage is a command over a config that writes one output (``DEFAULT_STAGES``). A command's
+inputs are the paths its config reads: ``vision_pretrained``, ``init_checkpoint``, ``nlf_shards``,
+a rollout's ``checkpoint``. Before a command builds its Trainer, ``build_missing_inputs`` looks up
+the stage that writes each missing input and runs it to completion first, as a separate, logged
+stage (whose own missing inputs are built the same way, before it). An input that no stage writes
+is an error naming the option, and nothing that exists is rebuilt or overwritten. So
+``fit -c configs/crl.yaml`` on a fresh clone builds the whole chain, and a config that points
+elsewhere (the reproduction's ``runs/repro/...``) builds nothing it did not ask for.
+
+ShapeWorld shards are not stages here: a DataModule generates them into an empty shard directory
+(``*_shapeworld`` options), since they are data, not a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the graph: ``command -c config`` writes ``output``."""
+
+    name: str
+    command: Literal["fit", "rollout"]
+    config: str
+    output: str
+
+    def run(self) -> None:
+        """Run the stage in this process (its own missing inputs are built first)."""
+        if self.command == "fit":
+            from dress_lightning.lightning_cli import fit
+
+            fit([self.config])
+        else:
+            from dress_lightning.feedback.commands import load_rollout_config, run_rollout
+
+            run_rollout(load_rollout_config([self.config]))
+
+
+DEFAULT_STAGES: tuple[Stage, ...] = (
+    Stage("clip", "fit", "configs/clip.yaml", "runs/clip/tower.safetensors"),
+    Stage("pretrain", "fit", "configs/pretrain.yaml", "runs/pretrain/checkpoints/last.ckpt"),
+    Stage("sft", "fit", "configs/sft.yaml", "runs/sft/checkpoints/last.ckpt"),
+    Stage("rollout", "rollout", "configs/rollout.yaml", "data/shards/nlf/shapeworld"),
+)
+"""The embedded default's stages, in order; paths are relative to the working directory (the repository)."""
+
+
+def is_local_path(value: str) -> bool:
+    """Whether an input names a local file or directory (not a pretrained tag, URL or brace pattern)."""
+    return ("/" in value or Path(value).suffix != "") and ":" not in value and "{" not in value
+
+
+def exists(path: str | Path) -> bool:
+    """A file, or a directory holding at least one non-empty shard (an empty ``.tar`` is not data)."""
+    path = Path(path)
+    if path.is_dir():
+        return any(shard.stat().st_size > 0 for shard in path.glob("*.tar"))
+    return path.is_file()
+
+
+def producer(path: str, stages: Iterable[Stage] = DEFAULT_STAGES) -> Stage | None:
+    """The stage that writes ``path``, if any."""
+    wanted = Path(path).resolve()
+    return next((stage for stage in stages if Path(stage.output).resolve() == wanted), None)
+
+
+def build_missing_inputs(inputs: Mapping[str, str | None], stages: Iterable[Stage] = DEFAULT_STAGES) -> list[str]:
+    """Run the stages that write the missing ones of ``inputs`` (option -> path); returns their names.
+
+    Raises ``FileNotFoundError`` for a missing input that no stage writes, naming the option.
+    """
+    stages = tuple(stages)
+    ran = []
+    for option, path in inputs.items():
+        if path is None or not is_local_path(path) or exists(path):
+            continue
+        stage = producer(path, stages)
+        if stage is None:
+            known = ", ".join(f"{s.name} -> {s.output}" for s in stages)
+            raise FileNotFoundError(
+                f"{option}={path!r} does not exist, and no stage of the default graph writes it ({known}). "
+                "Fix the path, or produce it first."
+            )
+        log.warning("Stage %s: %s=%s is missing; running `%s -c %s` first.", stage.name, option, path,
+                    stage.command, stage.config)
+        start = time.perf_counter()
+        stage.run()
+        if not exists(path):
+            raise RuntimeError(f"stage {stage.name} (`{stage.command} -c {stage.config}`) did not write {path}")
+        log.warning("Stage %s done in %.0f s: %s.", stage.name, time.perf_counter() - start, path)
+        ran.append(stage.name)
+    return ran

@@ -1,0 +1,90 @@
+"""The stage graph: a command builds its missing inputs with the stages that write them, and nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dress_lightning.cli import main
+from dress_lightning.stages import DEFAULT_STAGES, Stage, build_missing_inputs, exists, producer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs/overlays/ci_tiny.yaml")
+
+
+def _composed(*args: str) -> str:
+    """The merged config of ``fit`` args, as one YAML file's text (``--print_config``)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    return out.getvalue()
+
+
+def _write_tiny_default_configs(root: Path) -> None:
+    """configs/{clip,sft,rollout,crl}.yaml under ``root``: the shipped ones, tiny, with the shipped paths."""
+    configs = root / "configs"
+    configs.mkdir()
+    tower = ["--model.init_args.model.vision_pretrained", "runs/clip/tower.safetensors"]
+    (configs / "clip.yaml").write_text(_composed("-c", str(ROOT / "configs/clip.yaml"), "-c", TINY))
+    (configs / "sft.yaml").write_text(_composed("-c", str(ROOT / "configs/sft.yaml"), "-c", TINY, *tower,
+                                                "--trainer.max_steps", "2"))
+    crl = _composed("-c", str(ROOT / "configs/crl.yaml"), "-c", TINY, *tower, "--data.init_args.epoch_length", "32")
+    (configs / "crl.yaml").write_text(crl)
+    rollout = yaml.safe_load((ROOT / "configs/rollout.yaml").read_text())
+    rollout.update(batch_size=2, num_workers=0, prompts_shapeworld={"split": "train", "samples": 4, "seed": 1,
+                                                                    "shard_size": 2})
+    rollout["generation"]["max_new_tokens"] = 12
+    (configs / "rollout.yaml").write_text(yaml.safe_dump(rollout))
+
+
+@pytest.mark.slow
+def test_main_job_builds_the_whole_graph_once(tmp_path, monkeypatch):
+    """fit -c configs/crl.yaml on a fresh tree: clip -> sft -> rollout run first, each once, then CRL."""
+    _write_tiny_default_configs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "-c", "configs/crl.yaml"]) == 0
+    for stage in ("clip", "sft", "rollout"):
+        assert exists(next(s.output for s in DEFAULT_STAGES if s.name == stage)), stage
+    assert Path("runs/crl/checkpoints/last.ckpt").is_file()
+    assert Path("runs/clip/tower.json").is_file()  # provenance of the exported tower
+
+    # A second run builds nothing again: every prerequisite's output is left as it was.
+    before = {s.name: Path(s.output).stat().st_mtime_ns for s in DEFAULT_STAGES if s.name != "pretrain"}
+    assert main(["fit", "-c", "configs/crl.yaml", "--trainer.max_steps", "1",
+                 "--trainer.callbacks.init_args.dirpath", "runs/crl2/checkpoints"]) == 0
+    assert before == {s.name: Path(s.output).stat().st_mtime_ns for s in DEFAULT_STAGES if s.name != "pretrain"}
+
+
+def test_a_missing_input_no_stage_writes_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint=.*typo.ckpt.*does not exist.*no stage"):
+        build_missing_inputs({"checkpoint": str(tmp_path / "runs/sft/checkpoints/typo.ckpt")})
+
+
+def test_existing_inputs_tags_and_urls_run_nothing(tmp_path):
+    never = Stage("never", "fit", "configs/missing.yaml", str(tmp_path / "out.ckpt"))
+    (tmp_path / "here.ckpt").write_bytes(b"x")
+    ran = build_missing_inputs(
+        {"a": str(tmp_path / "here.ckpt"), "b": "openai", "c": "pipe:cat x.tar", "d": "s/{000..009}.tar", "e": None},
+        stages=[never],
+    )
+    assert ran == []
+
+
+def test_an_empty_shard_is_not_data(tmp_path):
+    shards = tmp_path / "nlf"
+    shards.mkdir()
+    (shards / "rollout-000000.tar").write_bytes(b"")
+    assert not exists(shards)
+    (shards / "rollout-000001.tar").write_bytes(b"not empty")
+    assert exists(shards)
+
+
+def test_the_default_graph_names_who_writes_what():
+    assert producer("runs/sft/checkpoints/last.ckpt").name == "sft"
+    assert producer("./runs/clip/tower.safetensors").name == "clip"
+    assert producer("data/shards/nlf/shapeworld").name == "rollout"
+    assert producer("runs/elsewhere/last.ckpt") is None
