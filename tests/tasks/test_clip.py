@@ -25,7 +25,7 @@ def clip_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("clip")
     assert main([
         "fit", "-c", str(ROOT / "configs/clip.yaml"),
-        "--trainer.max_steps", "60", "--trainer.val_check_interval", "30", "--trainer.limit_val_batches", "2",
+        "--trainer.max_steps", "150", "--trainer.val_check_interval", "75", "--trainer.limit_val_batches", "2",
         "--trainer.log_every_n_steps", "5", "--trainer.enable_model_summary", "false",
         "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp),
         "--trainer.callbacks.init_args.dirpath", str(tmp / "checkpoints"),

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from dress_lightning.evaluation.tower import retrieval_accuracy
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.models.init import deterministic_init
+from dress_lightning.tasks.losses import hard_negative_loss
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,13 @@ class ContrastiveTowerTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, texts = self.embed(batch)
-        loss = self.loss(images, texts, self.clip.logit_scale.exp())
+        scale = self.clip.logit_scale.exp()
+        loss = self.loss(images, texts, scale)
+        if "negative_ids" in batch:  # CaptionPairDataModule(hard_negatives=True)
+            negatives = self.clip.encode_text(batch["negative_ids"], normalize=True)
+            hard = hard_negative_loss(images, texts, negatives, scale)
+            self.log("train/hard_negative_loss", hard, batch_size=images.shape[0])
+            loss = loss + hard
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         self.log("train/logit_scale", self.clip.logit_scale.exp(), batch_size=1)
         return loss

@@ -45,3 +45,14 @@ def selected_lm_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torc
     if logits.shape[0] != targets.shape[0]:
         raise ValueError(f"{logits.shape[0]} logit row(s) for {targets.shape[0]} labelled position(s).")
     return F.cross_entropy(logits.float(), targets)
+
+
+def hard_negative_loss(images: torch.Tensor, texts: torch.Tensor, negatives: torch.Tensor,
+                       logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean -log p(true caption | image) between each image's caption and its own hard negative.
+
+    images, texts, negatives: L2-normalised embeddings (B, E); row i of ``negatives`` is a caption of a
+    scene that differs from image i's in one detail. Added to the batch contrastive loss (NegCLIP).
+    """
+    logits = logit_scale * torch.stack([(images * texts).sum(-1), (images * negatives).sum(-1)], dim=1)  # (B, 2)
+    return F.cross_entropy(logits, torch.zeros(len(images), dtype=torch.long, device=images.device))
