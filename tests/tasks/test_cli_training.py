@@ -68,7 +68,7 @@ def test_rollout_config_parses(capsys):
     assert "refinement_turns: 2" in capsys.readouterr().out
 
 
-EVAL_CONFIGS = [ROOT / "configs/eval.yaml", ROOT / "configs/eval_real.yaml"]
+EVAL_CONFIGS = [ROOT / "configs/eval.yaml", ROOT / "configs/eval_real.yaml", ROOT / "configs/eval_val.yaml"]
 REPRODUCTION = ROOT / "configs/reproduce"
 # Each reproduction overlay and the configs it goes on top of (as bench/reproduce_shapeworld.sh passes them).
 REPRODUCTION_STACKS = {
