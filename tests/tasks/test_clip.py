@@ -17,24 +17,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory) -> Path:
-    """A short real run of configs/clip.yaml on 100 pairs, validated on the same pairs (retrieval among 100).
+    """A short real run of configs/clip.yaml: 1280 train pairs, 200 steps, retrieval among 100 val pairs.
 
-    Generalisation to unseen scenes takes minutes (README: the clip stage's val retrieval); here the
-    test asks that the loss, the metric and the export work on a run that can learn in seconds.
+    Contrastive training first sits on a plateau at chance (loss ln(64)) for some 50 steps; 200 steps
+    of the shipped recipe are about the least that leaves it reliably.
     """
     tmp = tmp_path_factory.mktemp("clip")
     assert main([
         "fit", "-c", str(ROOT / "configs/clip.yaml"),
-        "--trainer.max_steps", "150", "--trainer.val_check_interval", "75", "--trainer.limit_val_batches", "2",
-        "--trainer.log_every_n_steps", "5", "--trainer.enable_model_summary", "false",
+        "--trainer.max_steps", "200", "--trainer.val_check_interval", "200", "--trainer.limit_val_batches", "2",
+        "--trainer.log_every_n_steps", "10", "--trainer.enable_model_summary", "false",
         "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp),
         "--trainer.callbacks.init_args.dirpath", str(tmp / "checkpoints"),
         "--model.init_args.export_path", str(tmp / "tower.safetensors"),
-        "--model.init_args.scheduler", "null", "--model.init_args.optimizer.init_args.lr", "2e-3",
-        "--data.init_args.train_shards", str(tmp / "pairs"), "--data.init_args.val_shards", str(tmp / "pairs"),
-        "--data.init_args.train_shapeworld", '{"split": "train", "samples": 100, "seed": 0, "shard_size": 50}',
-        "--data.init_args.batch_size", "50", "--data.init_args.num_workers", "0",
-        "--data.init_args.shuffle_buffer", "64",
+        "--data.init_args.train_shards", str(tmp / "train"), "--data.init_args.val_shards", str(tmp / "val"),
+        "--data.init_args.train_shapeworld", '{"split": "train", "samples": 1280, "seed": 0, "shard_size": 640}',
+        "--data.init_args.val_shapeworld", '{"split": "val", "samples": 100, "seed": 0, "shard_size": 100}',
+        "--data.init_args.batch_size", "64", "--data.init_args.num_workers", "0",
+        "--data.init_args.shuffle_buffer", "256",
     ]) == 0
     return tmp
 
@@ -47,10 +47,10 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 def test_contrastive_loss_falls_and_retrieval_beats_chance(clip_run):
     rows = _metrics(clip_run)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert losses[-1] < losses[0] - 1.0, losses  # starts at ln(50) = 3.9: chance among the batch
+    assert losses[-1] < losses[0] - 0.5, losses  # starts at ln(64) = 4.16: chance among the batch
     retrieval = [float(r["val/image_to_caption@100"]) for r in rows if r.get("val/image_to_caption@100")]
-    # Chance is 1 in 100: a few hits by luck at most among 100 images.
-    assert retrieval[-1] >= 0.2, retrieval
+    # Chance is 1 in 100: a few hits by luck at most among 100 unseen images.
+    assert retrieval[-1] >= 0.05, retrieval
 
 
 def test_export_is_the_tower_the_later_stages_load(clip_run):
