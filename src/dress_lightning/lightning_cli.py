@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from jsonargparse import lazy_instance, set_parsing_settings
 
+from dress_lightning.checkpoints import load_checkpoint, task_class_of
 from dress_lightning.data.datamodule import ShardDataModule
 from dress_lightning.tasks import VisionLanguageTask
 
@@ -35,17 +37,45 @@ GPU_ONLY = {
 
 
 class DressCLI(LightningCLI):
-    """LightningCLI with the model config linked into the data module and a clear CPU check."""
+    """LightningCLI with the model config linked into the data module, safe checkpoint loading and a clear CPU check."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One model config decides both the backbone and the batches (tokenizer, image transform).
         parser.link_arguments("model.init_args.model", "data.init_args.model", apply_on="parse")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads --ckpt_path's hyperparameters (and the task class they name).
+        self._load_checkpoints_safely(self.config.get(self.config.get("subcommand"), self.config))
+
     def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        if config["trainer"].get("enable_progress_bar") is False:
+            # TRAINER_DEFAULTS appends a progress bar, which Lightning refuses next to enable_progress_bar: false.
+            config["trainer"]["callbacks"] = [
+                c for c in config["trainer"].get("callbacks") or [] if not isinstance(c, ProgressBar)
+            ]
+        self._check_cpu_settings(config["trainer"])
+
+    @staticmethod
+    def _load_checkpoints_safely(config) -> None:
+        """Resume (``--ckpt_path``) only from tensors and plain data: ``weights_only=True``, checked up front."""
+        if config.get("weights_only") is False:
+            raise SystemExit(
+                "--weights_only false would let a checkpoint run code while it loads; dress_lightning loads "
+                "checkpoints with weights_only=True only. Remove the option."
+            )
+        if "weights_only" in config:
+            config["weights_only"] = True
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():  # not the keywords "last", "hpc", "registry"
+            # Read once here so that a refused file stops the run with a clear message, before anything is built.
+            task_class_of(load_checkpoint(ckpt_path, role="--ckpt_path"), ckpt_path)
+
+    @staticmethod
+    def _check_cpu_settings(trainer) -> None:
         if torch.cuda.is_available():
             return
-        config = self.config.get(self.subcommand, self.config)
-        trainer = config["trainer"]
         problems = []
         accelerator = str(trainer.get("accelerator") or "auto")
         if accelerator in ("gpu", "cuda"):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from dress_lightning.checkpoints import load_checkpoint
 from dress_lightning.models import VisionLanguageConfig, build_tokenizer, build_vision_language_model, count_parameters
 from dress_lightning.models.feature_cache import VisionFeatureCache
 from dress_lightning.tasks.losses import masked_lm_loss, predicting_positions, selected_lm_loss
@@ -138,9 +138,10 @@ class VisionLanguageTask(L.LightningModule):
         self.model.language_model = get_peft_model(self.model.language_model, peft_config)
 
     def _load_init_checkpoint(self, path: str) -> None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"init_checkpoint {path!r} does not exist (set model.init_args.init_checkpoint).")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        role = "model.init_args.init_checkpoint"
+        state = load_checkpoint(path, role=role).get("state_dict")
+        if not isinstance(state, dict):
+            raise ValueError(f"{role} {path!r} has no state_dict: is it a LightningCLI checkpoint?")
         missing_trainable = [
             name for name, p in self.named_parameters() if p.requires_grad and name not in state
         ]
