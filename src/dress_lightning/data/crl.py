@@ -20,7 +20,7 @@ from dress_lightning.conditions import ConditionSettings, mean_score, render_con
 from dress_lightning.conversation import ConversationFormatter
 from dress_lightning.data.datamodule import SampleEncoder, ShardDataModule, Source
 from dress_lightning.data.schema import Sample
-from dress_lightning.data.shards import SkipRecord
+from dress_lightning.data.shards import SkipRecord, holds_samples
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class CRLDataModule(ShardDataModule):
     def prepare_data(self) -> None:
         super().prepare_data()
         out = Path(self.nlf_shards) if isinstance(self.nlf_shards, str) else None
-        if out is None or "{" in str(out) or ":" in str(out) or (out.is_dir() and any(out.glob("*.tar"))):
+        if out is None or "{" in str(out) or ":" in str(out) or holds_samples(out):
             return
         if self.nlf_rollout_config is None:
             raise FileNotFoundError(f"No NLF shards in {out}; run `feedback rollout` or set data.nlf_rollout_config.")

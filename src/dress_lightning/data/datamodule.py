@@ -38,7 +38,7 @@ from dress_lightning.conversation import (
     TemplateName,
 )
 from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample
-from dress_lightning.data.shards import SkipRecord, expand_shard_urls
+from dress_lightning.data.shards import SkipRecord, expand_shard_urls, holds_samples
 from dress_lightning.models.factory import VisionLanguageConfig, build_tokenizer
 from dress_lightning.models.vision import describe_vision_tower
 from dress_lightning.special_tokens import IMAGE_TOKEN
@@ -518,7 +518,7 @@ class ShardDataModule(L.LightningDataModule):
             if not isinstance(shards, str) or "{" in shards or ":" in shards:
                 raise ValueError(f"ShapeWorld shards are generated into a directory; got shards={shards!r}.")
             out = Path(shards)
-            if out.is_dir() and any(out.glob("*.tar")):
+            if holds_samples(out):
                 continue
             log.info("Generating %d ShapeWorld %s samples into %s (first use).", spec.samples, spec.split, out)
             args = [

@@ -172,6 +172,12 @@ def expand_shard_urls(sources: Sequence[str]) -> list[str]:
     return urls
 
 
+def holds_samples(directory: Path) -> bool:
+    """Whether ``directory`` has a shard with at least one readable sample (an empty or damaged ``.tar`` is no data)."""
+    urls = expand_shard_urls([str(directory)]) if Path(directory).is_dir() else []
+    return next(iter_samples(urls, SkipLog()), None) is not None
+
+
 def iter_samples(urls: Sequence[str], skips: SkipLog) -> Iterator[Sample]:
     """Read shards in order and yield decoded, validated samples; bad ones are counted in ``skips``."""
     for url in urls:
@@ -187,7 +193,8 @@ def _iter_shard(url: str, skips: SkipLog) -> Iterator[Sample]:
 
     # One dataset per shard: webdataset may report one truncation at several levels, and a
     # damaged shard should count once, after the samples before the damage have been read.
-    for raw in wds.WebDataset(url, shardshuffle=False, handler=keep_going, empty_check=False):
+    # nodesplitter=None: this reads the shards it is given, also inside a distributed job.
+    for raw in wds.WebDataset(url, shardshuffle=False, handler=keep_going, empty_check=False, nodesplitter=None):
         try:
             yield decode_sample(raw)
         except SampleValidationError as error:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from dress_lightning.atomic import crash_point
 from dress_lightning.data.datamodule import ShapeWorldShards
 from dress_lightning.feedback.judges import Judge
 from dress_lightning.tasks.base import GenerationSettings
@@ -97,8 +98,9 @@ def run_rollout(config: RolloutConfig) -> dict:
     from dress_lightning.feedback.rollout import (
         NLFShardWriter,
         RolloutModule,
-        completed_prompt_ids,
+        read_progress,
         rollout_provenance,
+        run_record,
         summarize,
         write_summary,
     )
@@ -106,15 +108,7 @@ def run_rollout(config: RolloutConfig) -> dict:
 
     checkpoint = Path(config.checkpoint)
     if not checkpoint.is_file():
-        if config.train_config_if_missing is None:
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist.")
-        from dress_lightning.lightning_cli import main as lightning_main
-
-        log.warning("No checkpoint at %s: training it first with fit -c %s.", checkpoint,
-                    config.train_config_if_missing)
-        lightning_main(["fit", "-c", config.train_config_if_missing])
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"fit -c {config.train_config_if_missing} did not write {checkpoint}.")
+        train_missing_checkpoint(checkpoint, config.train_config_if_missing)
 
     L.seed_everything(config.seed, workers=True)
     policy = load_task(str(checkpoint))
@@ -130,24 +124,66 @@ def run_rollout(config: RolloutConfig) -> dict:
     )
     datamodule.prepare_data()
     datamodule.setup()
-    datamodule.exclude_prompt_ids = completed_prompt_ids(out)
-    if datamodule.exclude_prompt_ids:
-        log.warning("Resuming: %d prompts in %s are done and skipped.", len(datamodule.exclude_prompt_ids), out)
+    progress = read_progress(out, config.generation.num_samples)
+    datamodule.exclude_prompt_ids = progress.complete_prompts
+    if progress.trajectory_ids:
+        log.warning(
+            "Resuming in %s: %d prompts are done and skipped; %d have trajectories missing and are generated again "
+            "(the ones on disk are kept)%s.", out, len(progress.complete_prompts), len(progress.incomplete_prompts),
+            f"; skipped while reading: {progress.skips}" if progress.skips else "",
+        )
 
     module = RolloutModule(policy, judge, datamodule.encoder.formatter, config.generation, config.refinement_turns)
     provenance = rollout_provenance(str(checkpoint), config.generation, judge, config.seed, config.refinement_turns)
-    writer = NLFShardWriter(out, provenance, shard_size=config.shard_size)
+    writer = NLFShardWriter(out, provenance, shard_size=config.shard_size, done_ids=frozenset(progress.trajectory_ids))
     trainer = config.trainer.build_trainer([writer])
     # `samples` counts prompts over the whole job, so a resumed run only rolls out what is missing.
-    remaining = None if config.samples is None else config.samples - len(datamodule.exclude_prompt_ids)
+    remaining = None if config.samples is None else config.samples - len(progress.complete_prompts)
     if remaining is not None:
         trainer.limit_predict_batches = max(math.ceil(remaining / (config.batch_size * trainer.world_size)), 0)
     if remaining is None or remaining > 0:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    summary = summarize(writer, module, judge)
-    summary["skipped_prompts"] = dict(datamodule.skipped)
+    crash_point("rollout.before_summary")
+    this_run = run_record(writer, module, judge, dict(datamodule.skipped))
+    summary = summarize(out, trainer.global_rank, trainer.world_size, this_run)
     write_summary(summary, out, trainer.global_rank, trainer.world_size)
     return summary
+
+
+def train_missing_checkpoint(checkpoint: Path, train_config: str | None) -> None:
+    """Train the policy ``checkpoint`` names with ``fit -c train_config`` when it is that config's own output.
+
+    Only the checkpoint the config writes (its ModelCheckpoint's ``last.ckpt``) is built this way: a
+    mistyped ``--checkpoint`` is an error, never a reason to train (and to replace an existing model).
+    """
+    if train_config is None:
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (--checkpoint).")
+    produced = last_checkpoint_of(train_config)
+    if produced is None or checkpoint.resolve() != produced.resolve():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} does not exist (--checkpoint). It is not what train_config_if_missing "
+            f"({train_config}) writes ({produced}), so it is not trained here: fix the path, or train it with "
+            f"`python -m dress_lightning fit -c ...` first."
+        )
+    from dress_lightning.lightning_cli import main as lightning_main
+
+    log.warning("No checkpoint at %s: training it first with fit -c %s.", checkpoint, train_config)
+    lightning_main(["fit", "-c", train_config])
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"fit -c {train_config} did not write {checkpoint}.")
+
+
+def last_checkpoint_of(train_config: str) -> Path | None:
+    """The ``last.ckpt`` a training YAML's ModelCheckpoint writes (None if it has no ``dirpath``)."""
+    import yaml
+
+    config = yaml.safe_load(Path(train_config).read_text(encoding="utf-8")) or {}
+    for callback in config.get("trainer", {}).get("callbacks") or []:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+            dirpath = (callback.get("init_args") or {}).get("dirpath")
+            if dirpath:
+                return Path(dirpath) / "last.ckpt"
+    return None
 
 
 def main(argv: Sequence[str]) -> int:
