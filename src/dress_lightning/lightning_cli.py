@@ -13,13 +13,13 @@ from lightning.pytorch.loggers import CSVLogger
 from jsonargparse import lazy_instance, set_parsing_settings
 
 from dress_lightning.checkpoints import load_checkpoint, task_class_of
-from dress_lightning.data.datamodule import ShardDataModule
+from dress_lightning.data.datamodule import ShardDataModule, SkippedSamplesReport
 from dress_lightning.tasks import VisionLanguageTask
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
-    # Appended to the YAML's callbacks (so not repeated there); disable with enable_progress_bar: false.
-    "callbacks": [lazy_instance(RichProgressBar)],
+    # Appended to the YAML's callbacks (so not repeated there); the progress bar goes with enable_progress_bar: false.
+    "callbacks": [lazy_instance(RichProgressBar), lazy_instance(SkippedSamplesReport)],
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
 }
 
