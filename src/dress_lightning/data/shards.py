@@ -209,7 +209,9 @@ def _iter_shard(url: str, skips: SkipLog) -> Iterator[Sample]:
     # One dataset per shard: webdataset may report one truncation at several levels, and a
     # damaged shard should count once, after the samples before the damage have been read.
     # nodesplitter=None: this reads the shards it is given, also inside a distributed job.
+    members = 0
     for raw in wds.WebDataset(url, shardshuffle=False, handler=keep_going, empty_check=False, nodesplitter=None):
+        members += 1
         try:
             yield decode_sample(raw)
         except SampleValidationError as error:
@@ -217,3 +219,5 @@ def _iter_shard(url: str, skips: SkipLog) -> Iterator[Sample]:
     if errors:
         first = errors[0]
         skips.add(url, "unreadable shard", f"{type(first).__name__}: {first.args[0] if first.args else ''}")
+    elif members == 0:
+        skips.add(url, "empty shard", "no samples in it")
