@@ -49,13 +49,14 @@ class DressCLI(LightningCLI):
         self._load_checkpoints_safely(self.config.get(self.config.get("subcommand"), self.config))
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, self.config)
-        if config["trainer"].get("enable_progress_bar") is False:
+        self._check_cpu_settings(self.config.get(self.subcommand, self.config)["trainer"])
+
+    def instantiate_trainer(self, **kwargs):
+        if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is False:
             # TRAINER_DEFAULTS appends a progress bar, which Lightning refuses next to enable_progress_bar: false.
-            config["trainer"]["callbacks"] = [
-                c for c in config["trainer"].get("callbacks") or [] if not isinstance(c, ProgressBar)
-            ]
-        self._check_cpu_settings(config["trainer"])
+            callbacks = [c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ProgressBar)]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
+        return super().instantiate_trainer(**kwargs)
 
     @staticmethod
     def _load_checkpoints_safely(config) -> None:

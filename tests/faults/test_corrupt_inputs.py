@@ -26,7 +26,6 @@ from PIL import Image
 from dress_lightning.data.commands import main as data_main
 from dress_lightning.data.datamodule import ShardDataModule
 from dress_lightning.data.schema import Sample, alternating_turns, build_record, encode_sample, ensure_image_token
-from dress_lightning.data.shards import write_samples
 
 ROOT = Path(__file__).resolve().parents[2]
 TIME_BOUND_S = 60

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from dress_lightning.atomic import CRASH_AT_ENV
+from dress_lightning.cli import main
 from dress_lightning.data.shards import SkipLog, iter_samples
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +86,13 @@ def test_rollout_survives_kill_9_at_every_point(policy_checkpoint, tmp_path):
     # Two runs finished (the partial one and the last); the killed runs' trajectories are counted from disk.
     assert len(summary["runs"]) == 2 and summary["runs"][0]["samples_written"] == 2 * NUM_SAMPLES
 
+
+
+def test_a_mistyped_checkpoint_is_an_error_not_a_training_run(tmp_path, capsys):
+    """The prerequisite training runs only for the checkpoint its config writes; nothing is trained or replaced."""
+    args = ["feedback", "rollout", "-c", str(ROOT / "configs/rollout.yaml"),
+            "--checkpoint", str(tmp_path / "runs/sft/checkpoints/lsat.ckpt"),
+            "--train_config_if_missing", str(ROOT / "configs/sft.yaml"), "--out", str(tmp_path / "nlf")]
+    assert main(args) == 2
+    assert "lsat.ckpt does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (ROOT / "runs/sft/checkpoints/lsat.ckpt").exists()

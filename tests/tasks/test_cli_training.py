@@ -208,3 +208,9 @@ def test_load_task_rebuilds_the_trained_model(tmp_path):
     fresh.configure_model()
     torch.testing.assert_close(weights["model.vision.visual.conv1.weight"],
                                fresh.state_dict()["model.vision.visual.conv1.weight"])
+
+
+def test_progress_bar_can_be_turned_off(tmp_path):
+    main(["fit", *_fit_args("sft.yaml", tmp_path, "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "1",
+                            "--trainer.limit_val_batches", "0")])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

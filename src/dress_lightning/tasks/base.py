@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from dress_lightning.atomic import crash_point
 from dress_lightning.checkpoints import load_checkpoint
 from dress_lightning.models import VisionLanguageConfig, build_tokenizer, build_vision_language_model, count_parameters
 from dress_lightning.models.feature_cache import VisionFeatureCache
@@ -212,6 +213,10 @@ class VisionLanguageTask(L.LightningModule):
         self._log_throughput(batch)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False, batch_size=batch_size)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the callbacks' hooks, so a checkpoint due at this step is on disk (the fault suite kills here).
+        crash_point("fit.train_batch_end")
 
     def _log_throughput(self, batch: dict[str, Any]) -> None:
         now = time.perf_counter()
