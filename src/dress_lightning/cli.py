@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[command](rest)
-    except (UnsafeCheckpointError, FileNotFoundError) as error:
-        # A refused checkpoint or a missing input is the user's to fix, not a bug: say what and where, no traceback.
+    except UnsafeCheckpointError as error:
+        # A refused checkpoint is an input problem, not a bug: say what and where, without a traceback.
         print(f"error: {error}", file=sys.stderr)
         return 2

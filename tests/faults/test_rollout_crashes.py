@@ -15,6 +15,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from dress_lightning.atomic import CRASH_AT_ENV
 from dress_lightning.cli import main
 from dress_lightning.data.shards import SkipLog, iter_samples
@@ -88,11 +90,11 @@ def test_rollout_survives_kill_9_at_every_point(policy_checkpoint, tmp_path):
 
 
 
-def test_a_mistyped_checkpoint_is_an_error_not_a_training_run(tmp_path, capsys):
+def test_a_mistyped_checkpoint_is_an_error_not_a_training_run(tmp_path):
     """The prerequisite training runs only for the checkpoint its config writes; nothing is trained or replaced."""
     args = ["feedback", "rollout", "-c", str(ROOT / "configs/rollout.yaml"),
             "--checkpoint", str(tmp_path / "runs/sft/checkpoints/lsat.ckpt"),
             "--train_config_if_missing", str(ROOT / "configs/sft.yaml"), "--out", str(tmp_path / "nlf")]
-    assert main(args) == 2
-    assert "lsat.ckpt does not exist" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="lsat.ckpt does not exist .*not what train_config_if_missing"):
+        main(args)
     assert not (tmp_path / "runs").exists() and not (ROOT / "runs/sft/checkpoints/lsat.ckpt").exists()

@@ -51,7 +51,8 @@ class RolloutConfig:
     checkpoint: str = "runs/sft/checkpoints/last.ckpt"
     """Policy checkpoint (a LightningCLI checkpoint of any task)."""
     train_config_if_missing: str | None = "configs/sft.yaml"
-    """If ``checkpoint`` does not exist, train it first with ``fit -c`` this config (None: fail instead)."""
+    """If ``checkpoint`` does not exist and is the ``last.ckpt`` this config writes, train it first with ``fit -c``
+    this config; any other missing path is an error (None: always an error)."""
     prompts: str = "data/shards/shapeworld/rollout"
     """Prompt shards (directory, brace pattern or URL); the first user turn of each sample is the prompt."""
     prompts_shapeworld: ShapeWorldShards | None = field(
