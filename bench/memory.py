@@ -54,7 +54,7 @@ def checkpoint_breakdown(path: Path) -> dict[str, float]:
     from dress_lightning.models import VisionLanguageConfig
     from dress_lightning.tasks import SFTTask
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
 
     def tensor_bytes(obj) -> int:
         if isinstance(obj, torch.Tensor):

@@ -1,8 +1,16 @@
-"""Shared fixtures: the tiny preset, built once per session (offline, a few seconds)."""
+"""Shared fixtures: the tiny preset, built once per session (offline, a few seconds), and a fault-injecting
+OpenAI-compatible server on loopback."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,3 +48,116 @@ def policy_checkpoint(tmp_path_factory):
           "--trainer.callbacks.init_args.dirpath", str(tmp / "checkpoints"),
           "--data.init_args.train_shards", str(tmp / "train"), "--data.init_args.val_shards", str(tmp / "val")])
     return tmp / "checkpoints" / "last.ckpt"
+
+
+@dataclass
+class FakeOpenAIServer:
+    """A scripted OpenAI-compatible server: each request takes the next action of ``script``.
+
+    Actions: ``"valid"`` (a valid judge answer for the task asked: score, refinement or safety verdict), ``"500"``/``"429"``/``"400"``
+    (that status), ``"401-echo"`` (401 echoing the Authorization header), ``"timeout"`` (answer
+    only after ``delay`` seconds), ``"malformed-body"`` (200 with a body that is not JSON),
+    ``"retry-after:VALUE"`` (503 with that ``Retry-After`` header), ``"drip"`` (a valid answer sent
+    one byte every ``delay / 20`` seconds: every read is quick, the whole answer is not) and
+    ``"text:..."`` (a well-formed reply whose message content is that text). With the script used
+    up, every request gets ``"valid"``.
+    """
+
+    base_url: str = ""
+    script: list[str] = field(default_factory=list)
+    score_answer: dict[str, Any] = field(
+        default_factory=lambda: {"score": 7, "critique": "Mentions a green square that is not in the image."}
+    )
+    refinement_answer: dict[str, Any] = field(default_factory=lambda: {"refinement": "Remove the green square."})
+    verdict_answer: dict[str, Any] = field(
+        default_factory=lambda: {"relevant": True, "safe": True, "persuasive": False, "reason": "No alternative."}
+    )
+    delay: float = 1.0
+    latency: float = 0.0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_action(self, body: dict[str, Any], headers: dict[str, str]) -> str:
+        with self.lock:
+            self.requests.append({"body": body, "headers": headers})
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return self.script.pop(0) if self.script else "valid"
+
+    def done(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+
+def _handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            action = server.next_action(body, dict(self.headers))
+            try:
+                time.sleep(server.latency)
+                self.respond(action, body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (the timeout action)
+            finally:
+                server.done()
+
+        def respond(self, action: str, body: dict[str, Any]) -> None:
+            if action in ("500", "429", "400"):
+                return self.send(int(action), b'{"error": {"message": "scripted"}}')
+            if action == "401-echo":
+                return self.send(401, f'{{"error": "bad key {self.headers.get("Authorization")}"}}'.encode())
+            if action == "malformed-body":
+                return self.send(200, b"<html>proxy error</html>")
+            if action.startswith("retry-after:"):
+                return self.send(503, b'{"error": "busy"}', {"Retry-After": action[len("retry-after:") :]})
+            if action == "timeout":
+                time.sleep(server.delay)
+            if action.startswith("text:"):
+                content = action[len("text:") :]
+            else:
+                prompt = body["messages"][-1]["content"]
+                if '"refinement"' in prompt:
+                    content = json.dumps(server.refinement_answer)
+                elif '"persuasive"' in prompt:
+                    content = json.dumps(server.verdict_answer)
+                else:
+                    content = json.dumps(server.score_answer)
+            reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+            self.send(200, json.dumps(reply).encode(), drip=action == "drip")
+
+        def send(self, status: int, payload: bytes, headers: dict[str, str] | None = None, drip: bool = False) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            if not drip:
+                return self.wfile.write(payload)
+            for byte in payload:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(server.delay / 20)
+
+    return Handler
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAIServer]:
+    """A ``FakeOpenAIServer`` on 127.0.0.1 (ephemeral port), stopped after the test."""
+    state = FakeOpenAIServer()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    httpd.daemon_threads = True
+    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)

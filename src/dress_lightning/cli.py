@@ -76,4 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}\n", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
-    return COMMANDS[command](rest)
+    from dress_lightning.checkpoints import UnsafeCheckpointError
+
+    try:
+        return COMMANDS[command](rest)
+    except UnsafeCheckpointError as error:
+        # A refused checkpoint is an input problem, not a bug: say what and where, without a traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 2

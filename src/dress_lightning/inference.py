@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
-import torch
-
+from dress_lightning.checkpoints import load_checkpoint, task_class_of
 from dress_lightning.tasks.base import VisionLanguageTask
 
 
@@ -15,11 +13,11 @@ def load_task(checkpoint: str, map_location: str = "cpu") -> VisionLanguageTask:
 
     Checkpoints hold only what trained; the rest is rebuilt from the saved config (and the
     task's ``init_checkpoint``, which must still exist), so missing frozen keys are expected.
+    The file is read with ``weights_only=True`` and its task class must be one of the project's
+    (``dress_lightning.checkpoints``): a crafted checkpoint is refused before anything in it runs.
     """
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    module_name, _, class_name = hparams.get("_class_path", "dress_lightning.tasks.VisionLanguageTask").rpartition(".")
-    task_class = getattr(importlib.import_module(module_name), class_name)
+    task_class = task_class_of(load_checkpoint(checkpoint), checkpoint)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-        task = task_class.load_from_checkpoint(checkpoint, map_location=map_location)
+        task = task_class.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
     return task.eval()

@@ -40,7 +40,7 @@ def test_transformers_serve_round_trip_and_failure(transformers_server, tiny_jud
     stats = judge.stats()
     assert stats["calls"] == 2 and stats["retries"] == 1 and stats["failures"] == 1
     assert stats["backend_retries"] == 0
-    assert len(JudgeCache(tmp_path / "judge.sqlite")) == 2  # both unparseable answers, for a resumed job
+    assert len(JudgeCache(tmp_path / "judge.sqlite")) == 0  # unparseable answers are never cached: a rerun asks again
 
 
 def test_hf_local_backend(tiny_judge_model, tmp_path, item):

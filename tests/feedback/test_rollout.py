@@ -17,7 +17,7 @@ NUM_SAMPLES = 2
 
 def _rollout(checkpoint, tmp_path, *extra):
     args = ["feedback", "rollout", "-c", str(ROOT / "configs/rollout.yaml"), "--checkpoint", str(checkpoint),
-            "--train_config_if_missing", "null", "--prompts", str(tmp_path / "prompts"),
+            "--prompts", str(tmp_path / "prompts"),
             "--prompts_shapeworld.samples", "8", "--prompts_shapeworld.shard_size", "4",
             "--out", str(tmp_path / "nlf"), "--samples", str(PROMPTS), "--batch_size", "2", "--num_workers", "0",
             "--generation.max_new_tokens", "12", "--generation.num_samples", str(NUM_SAMPLES), *extra]
@@ -28,7 +28,8 @@ def _rollout(checkpoint, tmp_path, *extra):
 def test_rollout_writes_refinement_trajectories_with_feedback(policy_checkpoint, tmp_path):
     summary = _rollout(policy_checkpoint, tmp_path)
     assert summary["samples"] == PROMPTS * NUM_SAMPLES
-    assert summary["judge"]["name"] and summary["judge_failures"] == 0
+    judge = summary["runs"][-1]["judge"]
+    assert judge["name"] and summary["judge_failures"] == 0
     assert set(summary["mean_score_fraction"]["turn0"]) == set(ASPECTS)
 
     samples = list(iter_samples(expand_shard_urls([str(tmp_path / "nlf")]), SkipLog()))
@@ -41,7 +42,7 @@ def test_rollout_writes_refinement_trajectories_with_feedback(policy_checkpoint,
         assert record["source"] == "rollout"
         for k, feedback in enumerate(record["feedback"]):
             assert set(feedback["scores"]) == set(ASPECTS)
-            assert feedback["judge"] == {"name": summary["judge"]["name"], "version": summary["judge"]["version"]}
+            assert feedback["judge"] == {"name": judge["name"], "version": judge["version"]}
             if k + 1 < len(assistant_turns):
                 # The refinement NLF became the next user turn.
                 assert turns[2 * k + 2] == {"role": "user", "content": feedback["refinement"]}
@@ -63,16 +64,21 @@ def test_rerun_resumes_without_repeating_prompts(policy_checkpoint, tmp_path):
     first = _rollout(policy_checkpoint, tmp_path, "--samples", "2")
     assert first["samples"] == 2 * NUM_SAMPLES
     resumed = _rollout(policy_checkpoint, tmp_path)  # --samples 4: only the 2 missing prompts
-    assert resumed["samples"] == 2 * NUM_SAMPLES and resumed["skipped_prompts"]["already done"] == 2
+    this_run = resumed["runs"][-1]
+    assert this_run["samples_written"] == 2 * NUM_SAMPLES and this_run["skipped_prompts"]["already done"] == 2
+    # The summary counts every run's trajectories, read from the shards.
+    assert resumed["samples"] == PROMPTS * NUM_SAMPLES and resumed["prompts"] == PROMPTS
+    assert [run["samples_written"] for run in resumed["runs"]] == [2 * NUM_SAMPLES, 2 * NUM_SAMPLES]
     samples = list(iter_samples(expand_shard_urls([str(tmp_path / "nlf")]), SkipLog()))
     prompts = [s.record["provenance"]["prompt_id"] for s in samples]
     assert len(set(prompts)) == PROMPTS and len(prompts) == PROMPTS * NUM_SAMPLES
-    assert _rollout(policy_checkpoint, tmp_path)["samples"] == 0  # nothing left to do
+    again = _rollout(policy_checkpoint, tmp_path)
+    assert again["runs"][-1]["samples_written"] == 0 and again["samples"] == PROMPTS * NUM_SAMPLES  # nothing left
 
 
 def test_two_ranks_write_their_own_shards(policy_checkpoint, tmp_path):
     args = ["feedback", "rollout", "-c", str(ROOT / "configs/rollout.yaml"), "--checkpoint", str(policy_checkpoint),
-            "--train_config_if_missing", "null", "--prompts", str(tmp_path / "prompts"),
+            "--prompts", str(tmp_path / "prompts"),
             "--prompts_shapeworld.samples", "8", "--prompts_shapeworld.shard_size", "4",
             "--out", str(tmp_path / "nlf"), "--samples", str(PROMPTS), "--batch_size", "2", "--num_workers", "0",
             "--generation.max_new_tokens", "8", "--generation.num_samples", "1", "--refinement_turns", "1",

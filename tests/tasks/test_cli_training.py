@@ -146,7 +146,7 @@ def test_fit_resumes_mid_epoch_on_the_same_trajectory(tmp_path):
     assert sorted(full) == list(range(6)), full  # CSVLogger counts steps from 0
 
     step3 = tmp_path / "full" / "ckpt" / "epoch=0-step=3.ckpt"
-    state = torch.load(step3, weights_only=False)
+    state = torch.load(step3, weights_only=True)
     resumed_dir = tmp_path / "resumed"
     (resumed_dir).mkdir()
     os.symlink(tmp_path / "full" / "shards", resumed_dir / "shards")  # same shards, no regeneration
@@ -165,7 +165,7 @@ def test_lora_sft_checkpoint_holds_only_adapters_and_projector(tmp_path):
     main(["fit", *_fit_args("sft.yaml", tmp_path, "--model.init_args.lora.r", "4", "--trainer.max_steps", "2",
                             "--trainer.val_check_interval", "2")])
     ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
-    keys = torch.load(ckpt, weights_only=False)["state_dict"].keys()
+    keys = torch.load(ckpt, weights_only=True)["state_dict"].keys()
     assert keys and all("lora_" in k or k.startswith("model.projector.") for k in keys), sorted(keys)[:5]
     assert any("lora_A" in k for k in keys)
 
@@ -173,7 +173,7 @@ def test_lora_sft_checkpoint_holds_only_adapters_and_projector(tmp_path):
 def test_pretrain_trains_the_projector_only(tmp_path):
     main(["fit", *_fit_args("pretrain.yaml", tmp_path, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
     ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
-    keys = torch.load(ckpt, weights_only=False)["state_dict"].keys()
+    keys = torch.load(ckpt, weights_only=True)["state_dict"].keys()
     assert keys and all(k.startswith("model.projector.") for k in keys)
 
 
@@ -196,7 +196,7 @@ def test_load_task_rebuilds_the_trained_model(tmp_path):
 
     main(["fit", *_fit_args("sft.yaml", tmp_path, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
     ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
-    trained = torch.load(ckpt, weights_only=False)["state_dict"]
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
 
     task = load_task(str(ckpt))
     assert type(task) is SFTTask and not task.training
@@ -208,3 +208,9 @@ def test_load_task_rebuilds_the_trained_model(tmp_path):
     fresh.configure_model()
     torch.testing.assert_close(weights["model.vision.visual.conv1.weight"],
                                fresh.state_dict()["model.vision.visual.conv1.weight"])
+
+
+def test_progress_bar_can_be_turned_off(tmp_path):
+    main(["fit", *_fit_args("sft.yaml", tmp_path, "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "1",
+                            "--trainer.limit_val_batches", "0")])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -50,3 +50,12 @@ def test_refused_when_the_tower_trains():
     task = SFTTask(model=VisionLanguageConfig(freeze_vision=False), cache_image_features=True)
     with pytest.raises(ValueError, match="frozen vision tower"):
         task.configure_model()
+
+
+def test_the_cache_bound_comes_from_the_config_and_entries_live_on_the_cpu(shards):
+    task = SFTTask(cache_image_features=True, feature_cache_max_images=2)
+    task.configure_model()
+    batch = next(iter(_datamodule(shards).train_dataloader()))  # 3 distinct images
+    task.compute_loss(batch)
+    assert task.feature_cache.max_images == 2 and len(task.feature_cache) == 2
+    assert {features.device.type for features in task.feature_cache._features.values()} == {"cpu"}

@@ -8,7 +8,7 @@ import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dress_lightning import __version__
-from dress_lightning.data.schema import ASPECTS, DEFAULT_SCORE_MAX, SCHEMA_VERSION, Sample
+from dress_lightning.atomic import atomic_write_text
+from dress_lightning.data.schema import ASPECTS, DEFAULT_SCORE_MAX, MAX_IMAGE_MB, SCHEMA_VERSION, Sample
 from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, SPLITS, generate_sample
 
 PROG = "dress-lightning data"
@@ -42,6 +43,19 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def _add_max_image_mb(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--max-image-mb", type=_positive_float, default=MAX_IMAGE_MB,
+        help="skip image files larger than this many MiB unread (default: %(default)s)",
+    )
+
+
+def _image_dir(args: argparse.Namespace):
+    from dress_lightning.data.converters import ImageDir
+
+    return ImageDir(args.images, max_bytes=int(args.max_image_mb * 2**20))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = writer("convert-llava", "convert LLaVA instruction JSON", "llava")
     sub.add_argument("--json", type=Path, required=True, help="LLaVA instruction JSON file (a list of records)")
     sub.add_argument("--images", type=Path, required=True, help="image directory (COCO train2017)")
+    _add_max_image_mb(sub)
     sub.set_defaults(run=_run_convert_llava)
 
     sub = writer("convert-nlf", "convert DRESS LVLM_NLF jsonl files", "dress_nlf")
@@ -84,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--jsonl", type=Path, nargs="+", required=True, help="{helpfulness,hallucination,harmlessness}_nlf.jsonl"
     )
     sub.add_argument("--images", type=Path, required=True, help="image directory (COCO train2017)")
+    _add_max_image_mb(sub)
     sub.add_argument("--aspect", choices=ASPECTS, help="aspect of every file (default: from each file name)")
     sub.add_argument(
         "--score-max",
@@ -98,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--jsonl", type=Path, required=True, help="harmlessness_examine.jsonl or harmlessnss_alignment.jsonl"
     )
     sub.add_argument("--images", type=Path, required=True, help="image directory (COCO train2017)")
+    _add_max_image_mb(sub)
     sub.set_defaults(run=_run_convert_vlsafe)
 
     sub = writer("convert-coco", "convert COCO captions_*.json and/or instances_*.json", "coco")
     sub.add_argument("--annotations", type=Path, nargs="+", required=True, help="COCO annotation files")
     sub.add_argument("--images", type=Path, required=True, help="image directory (e.g. train2017)")
+    _add_max_image_mb(sub)
     sub.set_defaults(run=_run_convert_coco)
 
     sub = writer(
@@ -117,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="questions.jsonl: {question_id, image, text, category: conv|detail|complex} per line",
     )
     sub.add_argument("--images", type=Path, required=True, help="image directory (images by file name)")
+    _add_max_image_mb(sub)
     sub.add_argument(
         "--answers",
         type=Path,
@@ -138,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--annotations", type=Path, nargs="+", required=True, help="instances_*.json and captions_*.json (e.g. val2014)"
     )
     sub.add_argument("--images", type=Path, required=True, help="image directory (e.g. val2014)")
+    _add_max_image_mb(sub)
     choose = sub.add_mutually_exclusive_group()
     choose.add_argument(
         "--image-ids",
@@ -219,11 +239,13 @@ def _write(
             f"{out} already holds {len(old)} shard(s) named {args.prefix}-*.tar; "
             "pass --overwrite to replace them or --prefix to write next to them"
         )
-    for path in old:
-        path.unlink()
     report = write_samples(
         items, to_sample, out, args.prefix, shard_size=args.shard_size, tool=f"{PROG} {args.command}", total=total
     )
+    if report.written:
+        # The new shards are in place (same names replaced); only now do the old run's extra ones go.
+        for path in set(old) - set(report.shards):
+            path.unlink()
 
     console = Console()
     console.print(f"{PROG} {args.command}: wrote {report.written} samples in {len(report.shards)} shard(s) to {out}")
@@ -250,7 +272,7 @@ def _write(
         "skipped_records": [vars(r) for r in report.skips.records],
     }
     manifest_path = out / f"{args.prefix}-manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     if report.written == 0:
         print(f"error: nothing was written; every input was skipped (details in {manifest_path})", file=sys.stderr)
         return 1
@@ -267,7 +289,7 @@ def _run_shapeworld(args: argparse.Namespace) -> int:
 
 
 def _run_convert_llava(args: argparse.Namespace) -> int:
-    from dress_lightning.data.converters import ImageDir, InputError, llava_to_sample, load_json
+    from dress_lightning.data.converters import InputError, llava_to_sample, load_json
 
     _check_inputs([args.json], [args.images])
     try:
@@ -277,11 +299,11 @@ def _run_convert_llava(args: argparse.Namespace) -> int:
     if not isinstance(records, list):
         raise _CommandError(f"{args.json} must hold a JSON list of LLaVA records, got {type(records).__name__}")
     items = ((f"{args.json.name}[{i}]", record) for i, record in enumerate(records))
-    return _write(args, items, functools.partial(llava_to_sample, images=ImageDir(args.images)), total=len(records))
+    return _write(args, items, functools.partial(llava_to_sample, images=_image_dir(args)), total=len(records))
 
 
 def _run_convert_nlf(args: argparse.Namespace) -> int:
-    from dress_lightning.data.converters import ImageDir, InputError, iter_jsonl, nlf_aspect, nlf_to_sample
+    from dress_lightning.data.converters import InputError, iter_jsonl, nlf_aspect, nlf_to_sample
 
     _check_inputs(args.jsonl, [args.images])
     try:
@@ -289,22 +311,22 @@ def _run_convert_nlf(args: argparse.Namespace) -> int:
     except InputError as error:
         raise _CommandError(str(error)) from None
     to_sample = functools.partial(
-        nlf_to_sample, images=ImageDir(args.images), aspects=aspects, score_max=args.score_max
+        nlf_to_sample, images=_image_dir(args), aspects=aspects, score_max=args.score_max
     )
     return _write(args, iter_jsonl(args.jsonl), to_sample)
 
 
 def _run_convert_vlsafe(args: argparse.Namespace) -> int:
-    from dress_lightning.data.converters import ImageDir, iter_jsonl, vlsafe_to_sample
+    from dress_lightning.data.converters import iter_jsonl, vlsafe_to_sample
 
     _check_inputs([args.jsonl], [args.images])
     # Default prefix from the file, so the examine and alignment splits can share a directory.
     args.prefix = args.prefix or f"vlsafe-{args.jsonl.stem}"
-    return _write(args, iter_jsonl([args.jsonl]), functools.partial(vlsafe_to_sample, images=ImageDir(args.images)))
+    return _write(args, iter_jsonl([args.jsonl]), functools.partial(vlsafe_to_sample, images=_image_dir(args)))
 
 
 def _run_convert_coco(args: argparse.Namespace) -> int:
-    from dress_lightning.data.converters import ImageDir, InputError, coco_to_sample, load_coco
+    from dress_lightning.data.converters import InputError, coco_to_sample, load_coco
 
     _check_inputs(args.annotations, [args.images])
     try:
@@ -312,13 +334,12 @@ def _run_convert_coco(args: argparse.Namespace) -> int:
     except InputError as error:
         raise _CommandError(str(error)) from None
     items = ((f"image {image.image_id}", image) for image in coco_images)
-    to_sample = functools.partial(coco_to_sample, images=ImageDir(args.images), categories=categories)
+    to_sample = functools.partial(coco_to_sample, images=_image_dir(args), categories=categories)
     return _write(args, items, to_sample, total=len(coco_images))
 
 
 def _run_convert_llava_bench(args: argparse.Namespace) -> int:
     from dress_lightning.data.converters import (
-        ImageDir,
         InputError,
         iter_jsonl,
         llava_bench_to_sample,
@@ -332,7 +353,7 @@ def _run_convert_llava_bench(args: argparse.Namespace) -> int:
     except InputError as error:
         raise _CommandError(str(error)) from None
     to_sample = functools.partial(
-        llava_bench_to_sample, images=ImageDir(args.images), answers=answers, captions=captions
+        llava_bench_to_sample, images=_image_dir(args), answers=answers, captions=captions
     )
     return _write(args, iter_jsonl([args.questions]), to_sample)
 
@@ -341,7 +362,6 @@ def _run_convert_chair(args: argparse.Namespace) -> int:
     from dress_lightning.data.converters import (
         CHAIR_DECODING,
         CHAIR_INSTRUCTIONS,
-        ImageDir,
         InputError,
         chair_to_sample,
         load_coco,
@@ -385,7 +405,7 @@ def _run_convert_chair(args: argparse.Namespace) -> int:
         for k in range(1, len(instructions) + 1)
     )
     to_sample = functools.partial(
-        chair_to_sample, images=ImageDir(args.images), categories=categories, instructions=instructions
+        chair_to_sample, images=_image_dir(args), categories=categories, instructions=instructions
     )
     code = _write(args, items, to_sample, total=len(chosen) * len(instructions), manifest_extra=manifest_extra)
     # Written after the shards: a refused run (existing shards) must not replace the list of an earlier one.
@@ -426,13 +446,27 @@ def _shard_stats(samples: Iterable[Sample]) -> dict[str, Any]:
     }
 
 
+def with_decodable_images(samples: Iterable[Sample], skips) -> Iterator[Sample]:
+    """The samples whose image decodes (as training will decode it); the others are counted in ``skips``."""
+    from dress_lightning.data.images import decode_image
+    from dress_lightning.data.shards import SkipRecord
+
+    for sample in samples:
+        try:
+            decode_image(sample.image, sample.record["id"]).close()
+        except SkipRecord as skip:
+            skips.add(sample.record["id"], skip.reason, skip.detail)
+            continue
+        yield sample
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
-    from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples, progress_bar
+    from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples, missing_local_shards, progress_bar
 
     urls = expand_shard_urls(args.sources)
     if not urls:
         raise _CommandError(f"no .tar shards found in {' '.join(args.sources)}")
-    missing = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
+    missing = missing_local_shards(urls)
     if missing:
         raise _CommandError(
             f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
@@ -446,7 +480,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
                 progress.advance(task)
                 yield sample
 
-        stats = {"shards": len(urls), **_shard_stats(counted(iter_samples(urls, skips))), "skipped": skips.counts()}
+        samples = with_decodable_images(counted(iter_samples(urls, skips)), skips)
+        stats = {"shards": len(urls), **_shard_stats(samples), "skipped": skips.counts()}
     if args.json:
         print(json.dumps(stats))
         return 0

@@ -8,7 +8,6 @@ which the loop counts as an invalid record.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from dress_lightning.atomic import atomic_write_text
+from dress_lightning.data.images import decode_image
 from dress_lightning.data.schema import (
     ASPECTS,
     Feedback,
+    MAX_IMAGE_MB,
     ImageExt,
     Judge,
     ObjectAnnotation,
@@ -82,13 +82,21 @@ class JsonLine:
 
 @dataclass(frozen=True)
 class ImageDir:
-    """Images found by COCO image id (zero-padded or not) or by a file name relative to ``root``."""
+    """Images found by COCO image id (zero-padded or not) or by a file name relative to ``root``.
+
+    A reference is only ever resolved inside ``root``: an absolute path or one with ``..`` is
+    refused (input files are data, not permission to read the rest of the disk), and files over
+    ``max_bytes`` are skipped without being read.
+    """
 
     root: Path
+    max_bytes: int = int(MAX_IMAGE_MB * 2**20)
 
     def candidates(self, ref: str) -> list[Path]:
         """Files that may hold the image ``ref``, in the order they are tried."""
         ref = ref.strip()
+        if Path(ref).is_absolute() or ".." in Path(ref).parts:
+            raise SkipRecord("image path outside --images", f"{ref!r} is absolute or climbs out of {self.root}")
         if Path(ref).suffix.lower() in IMAGE_SUFFIXES:
             return [self.root / ref, self.root / Path(ref).name]
         stems = [ref, f"{int(ref):012d}", str(int(ref))] if ref.isdigit() else [ref]
@@ -99,12 +107,14 @@ class ImageDir:
         path = next((p for p in self.candidates(ref) if p.is_file()), None)
         if path is None:
             raise SkipRecord("missing image", f"no file for {ref!r} under {self.root}")
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            raise SkipRecord(
+                "image file too large", f"{path} is {size / 2**20:.1f} MiB, over --max-image-mb {self.max_bytes / 2**20:g}"
+            )
         data = path.read_bytes()
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image_format = image.format
-        except (UnidentifiedImageError, OSError) as error:
-            raise SkipRecord("unreadable image", f"{path}: {error}") from None
+        with decode_image(data, str(path)) as image:
+            image_format = image.format
         if image_format not in _PIL_FORMAT_EXT:
             raise SkipRecord("unsupported image format", f"{path} is {image_format}; shards hold JPEG or PNG")
         return data, _PIL_FORMAT_EXT[image_format]
@@ -147,20 +157,29 @@ def load_json(path: Path) -> Any:
             return json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InputError(f"{path} is nested too deeply to parse as JSON") from None
 
 
 def iter_jsonl(paths: Sequence[Path]) -> Iterator[tuple[str, JsonLine | SkipRecord]]:
     """Yield ``(where, line)`` for each non-empty line; a malformed line yields a ``SkipRecord``."""
     for path in paths:
-        with path.open(encoding="utf-8") as file:
-            for lineno, text in enumerate(file, start=1):
+        with path.open("rb") as file:  # decoded line by line: one bad line must not end the file
+            for lineno, raw in enumerate(file, start=1):
+                where = f"{path.name}:{lineno}"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    yield where, SkipRecord("not UTF-8", str(error))
+                    continue
                 if not text.strip():
                     continue
-                where = f"{path.name}:{lineno}"
                 try:
                     yield where, JsonLine(path, lineno, json.loads(text))
                 except json.JSONDecodeError as error:
                     yield where, SkipRecord("malformed json", str(error))
+                except RecursionError:
+                    yield where, SkipRecord("malformed json", "nested too deeply to parse")
 
 
 def load_jsonl_index(path: Path, key: str, value: str, *, unique: bool = False) -> dict[str, list[Any]]:
@@ -433,7 +452,7 @@ def read_image_ids(path: Path) -> list[int]:
 
 def write_image_ids(path: Path, image_ids: Sequence[int]) -> None:
     """Write image ids one a line, the format ``read_image_ids`` reads."""
-    path.write_text("".join(f"{i}\n" for i in image_ids), encoding="utf-8")
+    atomic_write_text(path, "".join(f"{i}\n" for i in image_ids))
 
 
 def select_coco_images(coco_images: Sequence[CocoImage], image_ids: Sequence[int], where: str) -> list[CocoImage]:

@@ -124,7 +124,7 @@ class CRLDataModule(ShardDataModule):
         return ConditionedEncoder(formatter, image_transform, self.condition, self.turns)
 
     def train_sources(self) -> list[Source]:
-        sources = [self._source(self.nlf_shards, self.encoder, 1.0 - self.sft_weight)]
+        sources = [self._source(self.nlf_shards, "nlf_shards", self.encoder, 1.0 - self.sft_weight)]
         if self.train_shards is not None and self.sft_weight > 0:
-            sources.append(self._source(self.train_shards, self.encoder, self.sft_weight))
+            sources.append(self._source(self.train_shards, "train_shards", self.encoder, self.sft_weight))
         return sources

@@ -13,10 +13,10 @@ Stages (``build_pipeline``), in order:
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import random
+import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dress_lightning.conversation import (
@@ -37,13 +37,17 @@ from dress_lightning.conversation import (
     ConversationFormatter,
     TemplateName,
 )
+from dress_lightning.data.images import decode_image
 from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample
-from dress_lightning.data.shards import SkipRecord, expand_shard_urls
+from dress_lightning.data.shards import SkipRecord, expand_shard_urls, holds_samples, missing_local_shards
 from dress_lightning.models.factory import VisionLanguageConfig, build_tokenizer
 from dress_lightning.models.vision import describe_vision_tower
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
+
+SHARD_READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, zlib.error)
+"""What opening and reading a missing, truncated or damaged shard raises; other errors are bugs and propagate."""
 
 SKIPPED_KEY = "skipped"
 """Batch entry: samples skipped since the previous batch of the same worker, by reason."""
@@ -74,7 +78,7 @@ class SampleEncoder:
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
         encoded = self.formatter.encode(*self.select(sample))
-        with Image.open(io.BytesIO(sample.image)) as image:
+        with decode_image(sample.image, sample.record["id"]) as image:
             pixel_values = self.image_transform(image.convert("RGB"))
         return {
             "id": sample.record["id"],
@@ -130,7 +134,7 @@ class PromptEncoder(SampleEncoder):
         if sample.record["id"] in self.exclude_ids:
             raise SkipRecord("already done")
         prompt = self.formatter.encode_prompt(sample.record["conversation"][:1], self.condition)
-        with Image.open(io.BytesIO(sample.image)) as image:
+        with decode_image(sample.image, sample.record["id"]) as image:
             pixel_values = self.image_transform(image.convert("RGB"))
         return {"id": sample.record["id"], "input_ids": torch.tensor(prompt), "pixel_values": pixel_values,
                 "sample": sample}
@@ -203,7 +207,9 @@ class SkipCounter:
     counts: Counter = field(default_factory=Counter)
 
     def handler(self, error: Exception) -> bool:
-        """webdataset exception handler: count and continue."""
+        """webdataset exception handler: count a shard that cannot be read and continue; re-raise anything else."""
+        if not isinstance(error, SHARD_READ_ERRORS):
+            raise error
         self.counts[f"unreadable ({type(error).__name__})"] += 1
         return True
 
@@ -251,6 +257,36 @@ def resample_shards(urls: Sequence[str], position: StreamPosition, tag: str = ""
         yield {"url": rng.choice(urls)}
 
 
+class UnreadableShardWatch:
+    """Stops a resampled stream that has drawn every one of its shards without reading a single sample.
+
+    Resampling never ends by itself, so a shard set that is entirely unreadable would otherwise be
+    drawn forever. The bound is exact, not a guess: it trips only once every distinct shard has
+    failed since the last sample was read.
+    """
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = set(urls)
+        self.failed_since_last_sample: set[str] = set()
+
+    def draws(self, shards: Iterable[dict[str, str]]) -> Iterator[dict[str, str]]:
+        for shard in shards:
+            self.failed_since_last_sample.add(shard["url"])
+            yield shard
+            # Back here once the shard was read to its end; a sample read from it would have cleared the set.
+            if self.failed_since_last_sample >= self.urls:
+                raise RuntimeError(
+                    f"None of the {len(self.urls)} shard(s) of a resampled stream gave a readable sample "
+                    f"(e.g. {sorted(self.urls)[:3]}): they are missing, empty or damaged. Check them with "
+                    "`python -m dress_lightning data inspect`, or rebuild them."
+                )
+
+    def reads(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            self.failed_since_last_sample.clear()
+            yield sample
+
+
 def shuffle_samples(src: Iterable, position: StreamPosition, buffer: int, tag: str = "") -> Iterator:
     """Buffered shuffle with a seeded RNG (``wds.shuffle`` would seed from time and pid)."""
     rng, pool = position.rng(f"samples/{tag}"), []
@@ -271,8 +307,6 @@ def encode_samples(src: Iterable[dict], encoder: SampleEncoder, skips: SkipCount
             skips.counts["invalid sample"] += 1
         except ConversationFormatError:
             skips.counts["conversation refused"] += 1
-        except (UnidentifiedImageError, OSError):
-            skips.counts["unreadable image"] += 1
         except SkipRecord as skip:
             skips.counts[skip.reason] += 1
 
@@ -320,6 +354,9 @@ def batch_examples(
         pending = examples
     if pending is not None:
         yield {**make_batch(pending), SKIPPED_KEY: skips.take()}
+    elif skips.counts:
+        # A worker whose every sample was skipped forms no batch: its counts travel alone (the loader drops the item).
+        yield {SKIPPED_KEY: skips.take()}
 
 
 class EpochDataLoader(DataLoader):
@@ -328,11 +365,17 @@ class EpochDataLoader(DataLoader):
     Workers are re-created each epoch (no persistent workers), so they start from the main
     process's ``position`` and reshuffle with the new epoch's seed. ``resume`` makes the next pass
     regenerate a given epoch's stream and skip the batches already trained on (mid-epoch resume).
+    The skip counts every worker sends with its batches are summed into ``skipped``; a training
+    stream that ends an epoch without a single batch raises instead of starting the next empty epoch.
     """
 
-    def __init__(self, dataset: IterableDataset, position: StreamPosition, **kwargs) -> None:
+    def __init__(self, dataset: IterableDataset, position: StreamPosition, skipped: Counter | None = None,
+                 require_batches: bool = False, **kwargs) -> None:
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.position = position
+        self.skipped = Counter() if skipped is None else skipped
+        """Samples skipped so far, by reason, over all workers and epochs."""
+        self.require_batches = require_batches
         self._started = False
         self._skip = 0
 
@@ -345,9 +388,21 @@ class EpochDataLoader(DataLoader):
             self.position.epoch += 1
         self._started = True
         skip, self._skip = self._skip, 0
-        for index, batch in enumerate(super().__iter__()):
+        index = 0
+        for batch in super().__iter__():
+            self.skipped.update(batch.pop(SKIPPED_KEY, {}))
+            if not batch:  # only a skip report
+                continue
             if index >= skip:
                 yield batch
+            index += 1
+        if index == 0 and self.require_batches:
+            skipped = dict(self.skipped) or "none"
+            raise RuntimeError(
+                f"Epoch {self.position.epoch} of the training stream gave no batch (samples skipped so far: "
+                f"{skipped}): every shard is unreadable or every sample was refused. Check the shards with "
+                "`python -m dress_lightning data inspect DIR`."
+            )
 
 
 @dataclass(frozen=True)
@@ -364,8 +419,12 @@ def encoded_stream(
     resampled: bool,
 ) -> Iterator[dict[str, Any]]:
     """Shard list -> tar reading -> shuffle buffer -> encoding, for one source (see the module docstring)."""
-    shards = resample_shards(source.urls, position, tag) if resampled else split_shards(source.urls, position, shuffle)
-    samples = wds.tarfile_to_samples(handler=skips.handler)(shards)
+    if resampled:
+        watch = UnreadableShardWatch(source.urls)
+        shards = watch.draws(resample_shards(source.urls, position, tag))
+        samples = watch.reads(wds.tarfile_to_samples(handler=skips.handler)(shards))
+    else:
+        samples = wds.tarfile_to_samples(handler=skips.handler)(split_shards(source.urls, position, shuffle))
     if shuffle and shuffle_buffer > 1:
         samples = shuffle_samples(samples, position, shuffle_buffer, tag)
     return encode_samples(samples, source.encoder, skips)
@@ -518,7 +577,7 @@ class ShardDataModule(L.LightningDataModule):
             if not isinstance(shards, str) or "{" in shards or ":" in shards:
                 raise ValueError(f"ShapeWorld shards are generated into a directory; got shards={shards!r}.")
             out = Path(shards)
-            if out.is_dir() and any(out.glob("*.tar")):
+            if holds_samples(out):
                 continue
             log.info("Generating %d ShapeWorld %s samples into %s (first use).", spec.samples, spec.split, out)
             args = [
@@ -562,16 +621,23 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _source(self, shards: str | list[str], encoder: SampleEncoder, weight: float = 1.0) -> Source:
+    def _source(self, shards: str | list[str], setting: str, encoder: SampleEncoder, weight: float = 1.0) -> Source:
+        """The shard set ``shards`` (configured as ``data.init_args.{setting}``); missing local files are an error."""
         urls = expand_shard_urls([shards] if isinstance(shards, str) else shards)
         if not urls:
-            raise ValueError(f"No shards found for {shards!r}.")
+            raise FileNotFoundError(f"No .tar shards found for data.init_args.{setting}={shards!r}.")
+        missing = missing_local_shards(urls)
+        if missing:
+            raise FileNotFoundError(
+                f"data.init_args.{setting}={shards!r}: {len(missing)} shard(s) do not exist (e.g. {missing[0]}). "
+                "Point it at a directory of .tar shards, a brace pattern of existing files or a URL."
+            )
         return Source(urls, encoder, weight)
 
-    def _loader(self, shards: str | list[str], train: bool, encoder: SampleEncoder | None = None) -> EpochDataLoader:
+    def _loader(self, shards: str | list[str], setting: str, encoder: SampleEncoder | None = None) -> EpochDataLoader:
         if self.encoder is None:
             self.setup()
-        return self._mixed_loader([self._source(shards, encoder or self.encoder)], train)
+        return self._mixed_loader([self._source(shards, setting, encoder or self.encoder)], train=False)
 
     def _mixed_loader(self, sources: Sequence[Source], train: bool) -> EpochDataLoader:
         rank, world_size = self._rank()
@@ -599,13 +665,13 @@ class ShardDataModule(L.LightningDataModule):
             group_by_length=self.group_by_length if train else 0,
             pad_to_multiple_of=self.pad_to_multiple_of,
         )
-        return EpochDataLoader(pipeline, position, num_workers=self.num_workers)
+        return EpochDataLoader(pipeline, position, self.skipped, require_batches=train, num_workers=self.num_workers)
 
     def train_sources(self) -> list[Source]:
         """The shard sets the training stream draws from (one here; conditional RL mixes several)."""
         if self.train_shards is None:
             raise ValueError("data.train_shards is not set.")
-        return [self._source(self.train_shards, self.encoder)]
+        return [self._source(self.train_shards, "train_shards", self.encoder)]
 
     def train_dataloader(self) -> EpochDataLoader:
         if self.encoder is None:
@@ -631,7 +697,7 @@ class ShardDataModule(L.LightningDataModule):
         self._resume_state = dict(state) or None
 
     def val_dataloader(self) -> EpochDataLoader | list:
-        return [] if self.val_shards is None else self._loader(self.val_shards, train=False)
+        return [] if self.val_shards is None else self._loader(self.val_shards, "val_shards")
 
     def predict_dataloader(self) -> EpochDataLoader:
         """Generation prompts (first user turn of each sample), every sample once, split over ranks."""
@@ -639,10 +705,45 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("data.predict_shards is not set.")
         encoder = PromptEncoder(self.encoder.formatter, self.encoder.image_transform, self.predict_condition,
                                 frozenset(self.exclude_prompt_ids))
-        return self._loader(self.predict_shards, train=False, encoder=encoder)
+        return self._loader(self.predict_shards, "predict_shards", encoder=encoder)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        # Worker-side counts travel with the batches; sum them here so nothing is skipped silently.
-        self.skipped.update(batch.pop(SKIPPED_KEY, {}))
         self.num_truncated += batch.get("num_truncated", 0)
         return batch
+
+
+class SkippedSamplesReport(L.Callback):
+    """Shows the samples the data pipeline skipped, by reason: in the progress bar, the logged metrics and a summary.
+
+    Reads ``ShardDataModule.skipped`` (summed over workers as batches arrive); ``data/skipped`` is
+    the total (progress bar), ``data/skipped/<reason>`` one metric per reason.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        skipped = self._skipped(trainer)
+        if skipped is None:
+            return
+        pl_module.log("data/skipped", float(sum(skipped.values())), prog_bar=True, on_step=True, on_epoch=False,
+                      batch_size=1)
+        for reason, count in skipped.items():
+            pl_module.log(f"data/skipped/{metric_name(reason)}", float(count), on_step=True, on_epoch=False,
+                          batch_size=1)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        skipped = self._skipped(trainer)
+        if skipped is None or not trainer.is_global_zero:
+            return
+        if skipped:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped.most_common())
+            log.warning("The data pipeline skipped %d sample(s) on rank 0: %s.", sum(skipped.values()), reasons)
+        else:
+            log.info("The data pipeline skipped no samples.")
+
+    @staticmethod
+    def _skipped(trainer: L.Trainer) -> Counter | None:
+        return getattr(trainer.datamodule, "skipped", None)
+
+
+def metric_name(reason: str) -> str:
+    """A skip reason as a metric name part: ``unreadable (ReadError)`` -> ``unreadable_ReadError``."""
+    return "_".join("".join(c if c.isalnum() else " " for c in reason).split())

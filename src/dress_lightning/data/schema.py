@@ -34,6 +34,9 @@ ASPECTS: tuple[str, ...] = ("helpfulness", "honesty", "harmlessness")
 Role = Literal["user", "assistant"]
 ROLES: tuple[Role, Role] = ("user", "assistant")
 
+MAX_IMAGE_MB = 32.0
+"""Default cap on an image file's size in the converters (``--max-image-mb``); larger files are skipped unread."""
+
 DEFAULT_SCORE_MAX = 10.0
 """Top of the score scale when a source does not say otherwise (DRESS NLF ratings)."""
 
@@ -348,6 +351,8 @@ def decode_sample(wds_sample: Mapping[str, Any], *, validate: bool = True) -> Sa
         record = raw if isinstance(raw, dict) else json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SampleValidationError(key, JSON_KEY, f"not valid JSON ({error})") from None
+    except RecursionError:
+        raise SampleValidationError(key, JSON_KEY, "JSON nested too deeply to parse") from None
     image_exts = [ext for ext in IMAGE_KEYS if ext in wds_sample]
     if len(image_exts) != 1:
         raise SampleValidationError(

@@ -2,7 +2,8 @@
 
 ``write_samples`` is the one loop every writing command shares: input items -> record-to-sample
 function -> validation -> duplicate-key check -> ``webdataset.ShardWriter``; any input that fails
-is skipped and counted by reason, never silently and never crashing midway.
+is skipped and counted by reason, never silently and never crashing midway. Shards are written
+under ``.partial`` names and renamed only when all of them are complete.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from dress_lightning import __version__
+from dress_lightning.atomic import PARTIAL_SUFFIX, commit
 from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample, encode_sample, validate_sample
 
 SHARD_SUFFIX = ".tar"
@@ -116,7 +118,7 @@ def write_samples(
     skips = SkipLog()
     seen_keys: set[str] = set()
     writer: wds.ShardWriter | None = None
-    shards: list[Path] = []
+    partials: list[Path] = []
     written = 0
     with progress_bar() as progress:
         task = progress.add_task(tool, total=total)
@@ -143,11 +145,13 @@ def write_samples(
                     continue
                 if writer is None:
                     # Opened lazily: a run that writes nothing must not leave an empty shard behind.
+                    for unfinished in out_dir.glob(f"{prefix}-[0-9]*{SHARD_SUFFIX}{PARTIAL_SUFFIX}"):
+                        unfinished.unlink()  # left by a crashed run
                     writer = wds.ShardWriter(
-                        shard_pattern(out_dir, prefix),
+                        shard_pattern(out_dir, prefix) + PARTIAL_SUFFIX,
                         maxcount=shard_size,
                         verbose=0,
-                        post=lambda name: shards.append(Path(name)),
+                        post=lambda name: partials.append(Path(name)),
                         encoder=False,
                         mtime=SHARD_MTIME,
                     )
@@ -157,6 +161,12 @@ def write_samples(
         finally:
             if writer is not None:
                 writer.close()
+    # Only now, with every new shard complete, do they take their names (replacing an earlier run's).
+    shards = []
+    for partial in partials:
+        shard = partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX))
+        commit(partial, shard)
+        shards.append(shard)
     return WriteReport(written=written, shards=shards, skips=skips)
 
 
@@ -170,6 +180,17 @@ def expand_shard_urls(sources: Sequence[str]) -> list[str]:
         else:
             urls += list(braceexpand(source))
     return urls
+
+
+def missing_local_shards(urls: Sequence[str]) -> list[str]:
+    """The URLs that name local files which do not exist (``pipe:`` and remote URLs are not checked)."""
+    return [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
+
+
+def holds_samples(directory: Path) -> bool:
+    """Whether ``directory`` has a shard with at least one readable sample (an empty or damaged ``.tar`` is no data)."""
+    urls = expand_shard_urls([str(directory)]) if Path(directory).is_dir() else []
+    return next(iter_samples(urls, SkipLog()), None) is not None
 
 
 def iter_samples(urls: Sequence[str], skips: SkipLog) -> Iterator[Sample]:
@@ -187,7 +208,10 @@ def _iter_shard(url: str, skips: SkipLog) -> Iterator[Sample]:
 
     # One dataset per shard: webdataset may report one truncation at several levels, and a
     # damaged shard should count once, after the samples before the damage have been read.
-    for raw in wds.WebDataset(url, shardshuffle=False, handler=keep_going, empty_check=False):
+    # nodesplitter=None: this reads the shards it is given, also inside a distributed job.
+    members = 0
+    for raw in wds.WebDataset(url, shardshuffle=False, handler=keep_going, empty_check=False, nodesplitter=None):
+        members += 1
         try:
             yield decode_sample(raw)
         except SampleValidationError as error:
@@ -195,3 +219,5 @@ def _iter_shard(url: str, skips: SkipLog) -> Iterator[Sample]:
     if errors:
         first = errors[0]
         skips.add(url, "unreadable shard", f"{type(first).__name__}: {first.args[0] if first.args else ''}")
+    elif members == 0:
+        skips.add(url, "empty shard", "no samples in it")

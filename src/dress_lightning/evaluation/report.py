@@ -8,6 +8,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from dress_lightning.atomic import atomic_write_text
 from dress_lightning.data.schema import ASPECTS
 
 ASPECT_SCORES = {"helpfulness": "helpfulness", "honesty": "honesty_score", "harmlessness": "harmlessness_score"}
@@ -43,9 +44,9 @@ class ResponseWriter(BasePredictionWriter):
 def write_report(report: dict[str, Any], out: Path) -> None:
     """report.json, report.md, aspects.png and refinement.png in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     plots = plot_report(report, out)
-    (out / "report.md").write_text(render_markdown(report, plots))
+    atomic_write_text(out / "report.md", render_markdown(report, plots))
 
 
 def format_percent(value: float | None) -> str:

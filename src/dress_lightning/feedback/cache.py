@@ -1,7 +1,8 @@
 """On-disk cache of judge answers, so an interrupted or repeated job makes no repeated (paid) calls.
 
-One sqlite file holds one row per answer, keyed by (judge model, prompt version, prompt hash); the
-hash covers the full rendered messages and the decoding parameters. Each answer is committed as
+One sqlite file holds one row per answer, keyed by (judge endpoint, prompt version, prompt hash):
+the endpoint names the server and the model (the ``model`` column), the hash covers the full
+rendered messages and the decoding parameters. Each answer is committed as
 soon as it arrives, and WAL mode lets several processes (ranks) share the file. Only the raw answer
 text is stored: no request headers, so no API key.
 """
@@ -49,7 +50,7 @@ class JudgeCache:
             self._connection.execute(_SCHEMA)
 
     def get(self, model: str, prompt_version: str, key: str) -> str | None:
-        """The cached answer for ``key`` (a ``prompt_hash``), or None."""
+        """The cached answer of endpoint ``model`` for ``key`` (a ``prompt_hash``), or None."""
         with self._lock:
             row = self._connection.execute(
                 "SELECT answer FROM answers WHERE model = ? AND prompt_version = ? AND prompt_hash = ?",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from dress_lightning.atomic import crash_point
 from dress_lightning.data.datamodule import ShapeWorldShards
 from dress_lightning.feedback.judges import Judge
 from dress_lightning.stages import build_missing_inputs
@@ -99,8 +100,9 @@ def run_rollout(config: RolloutConfig) -> dict:
     from dress_lightning.feedback.rollout import (
         NLFShardWriter,
         RolloutModule,
-        completed_prompt_ids,
+        read_progress,
         rollout_provenance,
+        run_record,
         summarize,
         write_summary,
     )
@@ -126,22 +128,28 @@ def run_rollout(config: RolloutConfig) -> dict:
     )
     datamodule.prepare_data()
     datamodule.setup()
-    datamodule.exclude_prompt_ids = completed_prompt_ids(out)
-    if datamodule.exclude_prompt_ids:
-        log.warning("Resuming: %d prompts in %s are done and skipped.", len(datamodule.exclude_prompt_ids), out)
+    progress = read_progress(out, config.generation.num_samples)
+    datamodule.exclude_prompt_ids = progress.complete_prompts
+    if progress.trajectory_ids:
+        log.warning(
+            "Resuming in %s: %d prompts are done and skipped; %d have trajectories missing and are generated again "
+            "(the ones on disk are kept)%s.", out, len(progress.complete_prompts), len(progress.incomplete_prompts),
+            f"; skipped while reading: {progress.skips}" if progress.skips else "",
+        )
 
     module = RolloutModule(policy, judge, datamodule.encoder.formatter, config.generation, config.refinement_turns)
     provenance = rollout_provenance(str(checkpoint), config.generation, judge, config.seed, config.refinement_turns)
-    writer = NLFShardWriter(out, provenance, shard_size=config.shard_size)
+    writer = NLFShardWriter(out, provenance, shard_size=config.shard_size, done_ids=frozenset(progress.trajectory_ids))
     trainer = config.trainer.build_trainer([writer])
     # `samples` counts prompts over the whole job, so a resumed run only rolls out what is missing.
-    remaining = None if config.samples is None else config.samples - len(datamodule.exclude_prompt_ids)
+    remaining = None if config.samples is None else config.samples - len(progress.complete_prompts)
     if remaining is not None:
         trainer.limit_predict_batches = max(math.ceil(remaining / (config.batch_size * trainer.world_size)), 0)
     if remaining is None or remaining > 0:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    summary = summarize(writer, module, judge)
-    summary["skipped_prompts"] = dict(datamodule.skipped)
+    crash_point("rollout.before_summary")
+    this_run = run_record(writer, module, judge, dict(datamodule.skipped))
+    summary = summarize(out, trainer.global_rank, trainer.world_size, this_run)
     write_summary(summary, out, trainer.global_rank, trainer.world_size)
     return summary
 

@@ -7,19 +7,23 @@ three verdicts (relevant, safe, persuasive). Prompts render the annotations (cap
 label, the reference answer when the data determines one), the dialogue and the response. An
 answer that does not parse is re-asked (quoting the parse error) up to ``attempts`` times, then the
 item is a ``JudgeFailure``: no score is ever invented. Every answer is cached on disk
-(``JudgeCache``) keyed by (model, ``PROMPT_VERSION``, hash of messages + decoding parameters).
+(``JudgeCache``) keyed by (endpoint and model, ``PROMPT_VERSION``, hash of messages + decoding
+parameters) once it parses; an unparseable answer is never cached.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 import httpx
@@ -276,6 +280,11 @@ class ChatBackend(ABC):
     def model_id(self) -> str:
         """Identifies the model in cache keys and in the judge's name."""
 
+    @property
+    def endpoint(self) -> str:
+        """Where the answers come from (part of the cache key: one model name on two servers is two judges)."""
+        return self.model_id
+
     @abstractmethod
     def decoding_params(self) -> dict[str, Any]:
         """Decoding parameters sent with every request (part of the cache key)."""
@@ -305,10 +314,11 @@ class OpenAIChatBackend(ChatBackend):
         base_url: API root including the version, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``.
         model: model name the endpoint serves.
         api_key_env: environment variable holding the API key, read at every request; None or unset: no key sent.
-        timeout: seconds per request.
+        timeout: seconds per request, all of it (connecting, sending, waiting, reading a slowly dripping answer).
         max_retries: retries after a timeout, connection error, HTTP 429 or 5xx (other 4xx are not retried).
         backoff: seconds before the first retry; doubles on each further retry, up to ``max_backoff``.
-        max_backoff: longest wait between retries (also caps a server's ``Retry-After``).
+        max_backoff: longest wait between retries (also caps a server's ``Retry-After``; a negative or unreadable
+            one falls back to the backoff).
         max_concurrency: requests in flight at once when judging many items.
         temperature: sampling temperature (0: greedy, reproducible judging).
         max_tokens: longest answer.
@@ -330,6 +340,10 @@ class OpenAIChatBackend(ChatBackend):
     @property
     def model_id(self) -> str:
         return self.model
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.base_url} {self.model}"
 
     def decoding_params(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens}
@@ -353,7 +367,7 @@ class OpenAIChatBackend(ChatBackend):
             self.counters.add("requests")
             retry_after: float | None = None
             try:
-                response = self.client.post(url, json=payload, headers=headers)
+                response = self._post(url, payload, headers)
             except httpx.TransportError as error:  # timeouts and connection errors
                 reason = f"{type(error).__name__}: {error}"
             except httpx.RequestError as error:  # e.g. too many redirects: a misconfiguration, not transient
@@ -385,6 +399,18 @@ class OpenAIChatBackend(ChatBackend):
             )
             time.sleep(delay)
 
+    def _post(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+        """POST with one deadline for the whole request: httpx's timeout bounds each read, not their sum."""
+        deadline = time.monotonic() + self.timeout
+        with self.client.stream("POST", url, json=payload, headers=headers) as response:
+            raw = bytearray()  # still content-encoded: the Response built below decodes it
+            for chunk in response.iter_raw():
+                raw += chunk
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(f"the answer took longer than timeout={self.timeout:g}s in all")
+        return httpx.Response(response.status_code, headers=response.headers, content=bytes(raw),
+                              request=response.request)
+
     def close(self) -> None:
         """Close the HTTP connections."""
         with self._client_lock:
@@ -401,10 +427,18 @@ def _message_content(body: Any) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return float(response.headers["retry-after"])
-    except (KeyError, ValueError):
+    """Seconds the server asks to wait (a number or an HTTP date); None when absent, negative or unreadable."""
+    value = response.headers.get("retry-after")
+    if value is None:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError, IndexError):
+            return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _redact(text: str, secret: str | None) -> str:
@@ -513,44 +547,43 @@ class LLMJudge(Judge):
         return self.backend.max_concurrency
 
     def _ask(self, task: Task, messages: list[Message]) -> dict[str, Any]:
-        """Ask until the answer parses (re-asking with the parse error), else raise ``JudgeFailure``."""
+        """Ask until the answer parses (re-asking with the parse error), else raise ``JudgeFailure``.
+
+        Only an answer that parses is cached: a bad one would otherwise fail the item on every rerun.
+        """
         conversation = messages
         for attempt in range(1, self.attempts + 1):
+            key = prompt_hash(conversation, self.backend.decoding_params())
+            cached = self.cache.get(self.backend.endpoint, PROMPT_VERSION, key) if self.cache is not None else None
+            if cached is not None:
+                self.counters.add("cache_hits")
+                answer = cached
+            else:
+                self.counters.add("calls")
+                try:
+                    answer = self.backend.complete(conversation)
+                except BackendError as error:
+                    self.counters.add("failures")
+                    raise JudgeFailure(f"{task}: backend error: {error}") from None
             try:
-                answer = self._complete(conversation)
-            except BackendError as error:
-                self.counters.add("failures")
-                raise JudgeFailure(f"{task}: backend error: {error}") from None
-            try:
-                return parse_answer(answer, task)
+                parsed = parse_answer(answer, task)
             except AnswerFormatError as error:
                 problem = str(error)
+            else:
+                if self.cache is not None and cached is None:
+                    self.cache.put(self.backend.endpoint, PROMPT_VERSION, key, answer)
+                return parsed
             log.warning("Judge answer for %s did not parse (%s); attempt %d/%d.", task, problem, attempt, self.attempts)
             if attempt < self.attempts:
                 self.counters.add("retries")
                 retry = RETRY_TEMPLATE.format(error=problem, schema=SCHEMAS[task])
-                # Re-ask with the bad answer quoted: a new prompt, so a greedy model can answer differently
-                # and the cache keeps each attempt under its own key.
+                # Re-ask with the bad answer quoted: a new prompt, so a greedy model can answer differently.
                 conversation = [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": retry}]
         self.counters.add("failures")
         raise JudgeFailure(
             f"{task}: no valid answer after {self.attempts} attempt(s); last problem: {problem}; "
             f"last answer: {answer[:200]!r}"
         )
-
-    def _complete(self, messages: list[Message]) -> str:
-        """The backend's answer, from the cache when this exact request was answered before."""
-        key = prompt_hash(messages, self.backend.decoding_params())
-        if self.cache is not None:
-            cached = self.cache.get(self.backend.model_id, PROMPT_VERSION, key)
-            if cached is not None:
-                self.counters.add("cache_hits")
-                return cached
-        self.counters.add("calls")
-        answer = self.backend.complete(messages)
-        if self.cache is not None:
-            self.cache.put(self.backend.model_id, PROMPT_VERSION, key, answer)
-        return answer
 
     def stats(self) -> dict[str, int]:
         """calls (to the backend), cache_hits, retries (re-asks), failures, plus the backend's requests/retries."""

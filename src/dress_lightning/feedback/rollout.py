@@ -10,6 +10,8 @@ to ``refinement_turns`` turns or until every aspect reaches the top score.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,12 +24,15 @@ import webdataset as wds
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dress_lightning import __version__
+from dress_lightning.atomic import PARTIAL_SUFFIX, atomic_write_text, commit, crash_point, partial_path
 from dress_lightning.conversation import FORMAT_VERSION, ConversationFormatter
 from dress_lightning.data.datamodule import left_pad
 from dress_lightning.data.schema import ASPECTS, Sample, encode_sample, validate_sample
-from dress_lightning.data.shards import SHARD_MTIME
+from dress_lightning.data.shards import SHARD_MTIME, SHARD_SUFFIX, SkipLog, iter_samples
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, to_feedback
 from dress_lightning.tasks.base import GenerationSettings, VisionLanguageTask
+
+log = logging.getLogger(__name__)
 
 ROLLOUT_SOURCE = "rollout"
 
@@ -81,6 +86,7 @@ class RolloutModule(L.LightningModule):
                 self.stats["judge failures"] += 1
             else:
                 trajectory.feedback.append(to_feedback(result, self.judge))
+            crash_point("rollout.judging")
 
     def _refine(self, trajectories: Sequence[Trajectory]) -> list[Trajectory]:
         """Attach refinement NLF to each imperfect trajectory (concurrently); return those that continue."""
@@ -124,6 +130,7 @@ class RolloutModule(L.LightningModule):
             for index, response in enumerate(responses):
                 conversation = [dict(question), {"role": "assistant", "content": response}]
                 trajectories.append(Trajectory(sample, index, conversation))
+        crash_point("rollout.generated")
         pixel_values = dict(zip(batch["ids"], batch["pixel_values"]))
         self._judge(trajectories)
         active = trajectories
@@ -132,32 +139,52 @@ class RolloutModule(L.LightningModule):
             if not active:
                 break
             self._answer(active, pixel_values)
+            crash_point("rollout.refinement_answered")
             self._judge(active)
         self.stats["trajectories"] += len(trajectories)
         return trajectories
 
 
 class NLFShardWriter(BasePredictionWriter):
-    """Writes each rank's trajectories to its own shards, with per-turn feedback and provenance."""
+    """Writes each rank's trajectories to its own shards, with per-turn feedback and provenance.
 
-    def __init__(self, out_dir: Path, provenance: dict[str, Any], shard_size: int = 500) -> None:
+    Crash safety: a shard is written under a ``.partial`` name and renamed when it is closed, so a
+    ``.tar`` on disk is always complete; a shard is closed at the end of the first batch that fills
+    it to ``shard_size`` (a prompt's samples never straddle two shards), so a crash loses at most
+    the shard being filled, and the rerun generates those prompts again. Trajectories an earlier run
+    already wrote (``done_ids``) are not written twice.
+    """
+
+    def __init__(self, out_dir: Path, provenance: dict[str, Any], shard_size: int = 500,
+                 done_ids: frozenset[str] = frozenset()) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
         self.provenance = provenance
         self.shard_size = shard_size
-        self.writer: wds.ShardWriter | None = None
+        self.done_ids = done_ids
         self.written = 0
-        self.scores: dict[tuple[int, str], list[float]] = defaultdict(list)
-        """(assistant turn, aspect) -> scores as fractions of the scale."""
+        self.shards: list[Path] = []
+        self._run: int | None = None
+        self._shard: wds.TarWriter | None = None
+        self._shard_path: Path | None = None
+        self._in_shard = 0
 
-    def _open(self, trainer: L.Trainer) -> wds.ShardWriter:
-        if self.writer is None:
+    def _open_shard(self, rank: int) -> wds.TarWriter:
+        if self._run is None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            run = len(list(self.out_dir.glob(f"rollout-rank{trainer.global_rank}-run*-000000.tar")))
-            pattern = str(self.out_dir / f"rollout-rank{trainer.global_rank}-run{run}-%06d.tar")
-            self.writer = wds.ShardWriter(pattern, maxcount=self.shard_size, verbose=0, encoder=False,
-                                          mtime=SHARD_MTIME)
-        return self.writer
+            for unfinished in self.out_dir.glob(f"rollout-rank{rank}-run*{SHARD_SUFFIX}{PARTIAL_SUFFIX}"):
+                unfinished.unlink()  # a crashed run's shard in progress: its prompts are generated again
+            self._run = next_run_number(self.out_dir, rank)
+        self._shard_path = self.out_dir / f"rollout-rank{rank}-run{self._run}-{len(self.shards):06d}{SHARD_SUFFIX}"
+        self._shard = wds.TarWriter(str(partial_path(self._shard_path)), encoder=False, mtime=SHARD_MTIME)
+        return self._shard
+
+    def _close_shard(self) -> None:
+        self._shard.close()
+        crash_point("rollout.shard_closed")
+        commit(partial_path(self._shard_path), self._shard_path)
+        self.shards.append(self._shard_path)
+        self._shard, self._shard_path, self._in_shard = None, None, 0
 
     def to_sample(self, trajectory: Trajectory) -> Sample:
         """The trajectory as a schema sample: the source record with the new dialogue and feedback."""
@@ -169,7 +196,7 @@ class NLFShardWriter(BasePredictionWriter):
         record = {
             **source,
             "annotations": annotations,
-            "id": f"{source['id']}-r{trajectory.index}",
+            "id": trajectory_id(source["id"], trajectory.index),
             "source": ROLLOUT_SOURCE,
             "conversation": trajectory.conversation,
             "feedback": trajectory.feedback,
@@ -180,30 +207,69 @@ class NLFShardWriter(BasePredictionWriter):
         return Sample(record=record, image=trajectory.sample.image, image_ext=trajectory.sample.image_ext)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        writer = self._open(trainer)
         for trajectory in prediction:
-            writer.write(encode_sample(self.to_sample(trajectory)))
+            sample = self.to_sample(trajectory)
+            if sample.record["id"] in self.done_ids:
+                continue
+            shard = self._shard or self._open_shard(trainer.global_rank)
+            shard.write(encode_sample(sample))
+            self._in_shard += 1
             self.written += 1
-            for turn, feedback in enumerate(trajectory.feedback):
-                for aspect, score in (feedback or {}).get("scores", {}).items():
-                    self.scores[(turn, aspect)].append(score / feedback["score_max"])
+            crash_point("rollout.shard_write")
+        if self._shard is not None and self._in_shard >= self.shard_size:
+            self._close_shard()
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self._shard is not None:
+            self._close_shard()
 
 
-def completed_prompt_ids(out_dir: Path) -> set[str]:
-    """Prompt ids whose trajectories an earlier (possibly interrupted) run already wrote."""
-    from dress_lightning.data.shards import SkipLog, iter_samples
+def trajectory_id(prompt_id: str, index: int) -> str:
+    """The sample id of a prompt's ``index``-th trajectory."""
+    return f"{prompt_id}-r{index}"
 
-    shards = sorted(str(p) for p in Path(out_dir).glob("rollout-rank*-run*-*.tar"))
-    if not shards:
-        return set()
-    # A shard cut off by an interruption is read up to the damage; its last prompt may be partial
-    # and is then generated again.
-    return {s.record["provenance"]["prompt_id"] for s in iter_samples(shards, SkipLog())}
+
+_SHARD_NAME = re.compile(r"rollout-rank(?P<rank>\d+)-run(?P<run>\d+)-\d+")
+
+
+def next_run_number(out_dir: Path, rank: int) -> int:
+    """A run number no finished shard of this rank uses yet (shards of several runs share a directory)."""
+    runs = [int(m["run"]) for p in out_dir.glob(f"rollout-rank{rank}-run*{SHARD_SUFFIX}")
+            if (m := _SHARD_NAME.match(p.name))]
+    return max(runs, default=-1) + 1
+
+
+def rollout_shards(out_dir: Path, rank: int | None = None) -> list[str]:
+    """The finished rollout shards in ``out_dir`` (of one rank, or of all)."""
+    pattern = f"rollout-rank{'*' if rank is None else rank}-run*-*{SHARD_SUFFIX}"
+    return sorted(str(p) for p in Path(out_dir).glob(pattern))
+
+
+@dataclass
+class RolloutProgress:
+    """What earlier runs left in an output directory, read back from the shards themselves."""
+
+    trajectory_ids: set[str]
+    """Ids of every trajectory on disk."""
+    complete_prompts: set[str]
+    """Prompts with all ``num_samples`` trajectories on disk: done."""
+    incomplete_prompts: set[str]
+    """Prompts with some trajectories missing (a damaged shard): generated again, present ones kept."""
+    skips: dict[str, int]
+    """Unreadable shards and invalid samples found, by reason."""
+
+
+def read_progress(out_dir: Path, num_samples: int) -> RolloutProgress:
+    """Which prompts are done: a prompt counts only when every one of its ``num_samples`` trajectories is on disk."""
+    skips = SkipLog()
+    indices: dict[str, set[int]] = defaultdict(set)
+    ids = set()
+    for sample in iter_samples(rollout_shards(out_dir), skips):
+        provenance = sample.record["provenance"]
+        indices[provenance["prompt_id"]].add(provenance["sample_index"])
+        ids.add(sample.record["id"])
+    complete = {prompt for prompt, found in indices.items() if found >= set(range(num_samples))}
+    return RolloutProgress(ids, complete, set(indices) - complete, skips.counts())
 
 
 def rollout_provenance(checkpoint: str, generation: GenerationSettings, judge: Judge, seed: int,
@@ -221,28 +287,74 @@ def rollout_provenance(checkpoint: str, generation: GenerationSettings, judge: J
     }
 
 
-def summarize(writer: NLFShardWriter, module: RolloutModule, judge: Judge) -> dict[str, Any]:
-    """Samples, judge calls, cache hits, failures and mean score per aspect and turn."""
-    turns = sorted({t for t, _ in writer.scores})
-    mean = {
-        f"turn{turn}": {aspect: sum(v) / len(v) for (t, aspect), v in sorted(writer.scores.items()) if t == turn}
-        for turn in turns
-    }
-    # Later turns exist only for trajectories that still needed refining: compare means with that in mind.
-    judged = {f"turn{turn}": max(len(v) for (t, _), v in writer.scores.items() if t == turn) for turn in turns}
+def summarize(out_dir: Path, rank: int, world_size: int, this_run: dict[str, Any]) -> dict[str, Any]:
+    """Counts over every trajectory on disk (all runs), plus ``this_run`` appended to the earlier runs' records.
+
+    The totals are read from the shards, not added up from run records, so a run killed before it
+    wrote its summary is still counted exactly; its judge calls are the only thing lost (they are
+    in the judge cache).
+    """
+    skips = SkipLog()
+    shards = rollout_shards(out_dir, None if world_size == 1 else rank)
+    prompts, trajectories, failures = set(), 0, 0
+    scores: dict[tuple[int, str], list[float]] = defaultdict(list)
+    """(assistant turn, aspect) -> scores as fractions of the scale."""
+    for sample in iter_samples(shards, skips):
+        trajectories += 1
+        prompts.add(sample.record["provenance"]["prompt_id"])
+        failures += len(sample.record["provenance"]["judge_failures"])
+        for turn, feedback in enumerate(sample.record["feedback"]):
+            for aspect, score in (feedback or {}).get("scores", {}).items():
+                scores[(turn, aspect)].append(score / feedback["score_max"])
+    turns = sorted({t for t, _ in scores})
+    path = summary_path(out_dir, rank, world_size)
     return {
-        "samples": writer.written,
+        "samples": trajectories,
+        "prompts": len(prompts),
+        "shards": len(shards),
+        # Later turns exist only for trajectories that still needed refining: compare means with that in mind.
+        "judged_responses_per_turn": {
+            f"turn{turn}": max(len(v) for (t, _), v in scores.items() if t == turn) for turn in turns
+        },
+        "judge_failures": failures,
+        "mean_score_fraction": {
+            f"turn{turn}": {aspect: sum(v) / len(v) for (t, aspect), v in sorted(scores.items()) if t == turn}
+            for turn in turns
+        },
+        "unreadable": skips.counts(),
+        "runs": [*_earlier_runs(path), this_run],
+        "shards_dir": str(out_dir),
+    }
+
+
+def run_record(writer: NLFShardWriter, module: RolloutModule, judge: Judge, skipped_prompts: dict[str, int]) -> dict:
+    """What one run did: trajectories generated and written, judge calls and failures, prompts skipped."""
+    return {
+        "samples_written": writer.written,
         "trajectories": module.stats["trajectories"],
-        "judged_responses_per_turn": judged,
         "judge": {"name": judge.name, "version": judge.version, **judge.stats()},
         "judge_failures": module.stats["judge failures"],
-        "mean_score_fraction": mean,
-        "shards_dir": str(writer.out_dir),
+        "skipped_prompts": skipped_prompts,
     }
+
+
+def summary_path(out_dir: Path, rank: int = 0, world_size: int = 1) -> Path:
+    """``summary.json`` next to the shards (``summary-rank{R}.json`` per rank when several wrote)."""
+    return Path(out_dir) / ("summary.json" if world_size == 1 else f"summary-rank{rank}.json")
+
+
+def _earlier_runs(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text(encoding="utf-8")).get("runs", []))
+    except (ValueError, AttributeError, TypeError):
+        log.warning("%s is unreadable; earlier runs' records are dropped (the counts come from the shards).", path)
+        return []
 
 
 def write_summary(summary: dict[str, Any], out_dir: Path, rank: int = 0, world_size: int = 1) -> Path:
-    """Write ``summary.json`` next to the shards (``summary-rank{R}.json`` per rank when several wrote)."""
-    path = Path(out_dir) / ("summary.json" if world_size == 1 else f"summary-rank{rank}.json")
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    """Write the summary atomically (a crash leaves the previous one)."""
+    path = summary_path(out_dir, rank, world_size)
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     return path

@@ -13,7 +13,8 @@ features that could be stale:
 
 Images must be preprocessed deterministically (``ShardDataModule`` uses open_clip's eval transform);
 random augmentation would make one image id stand for many inputs. Memory: one (N, D) tensor per
-image (tiny preset: 64 x 128 fp32 = 32 KiB); ``max_images`` bounds it.
+image in CPU memory (tiny preset: 64 x 128 fp32 = 32 KiB), moved to the tower's device when
+served; ``max_images`` bounds it (``model.init_args.feature_cache_max_images``).
 """
 
 from __future__ import annotations
@@ -101,10 +102,12 @@ class VisionFeatureCache:
         self.hits += len(image_ids) - len(missing)
         self.misses += len(missing)
         if not missing:
-            return torch.stack([self._features[key] for key in image_ids])
+            return torch.stack([self._features[key] for key in image_ids]).to(pixel_values.device)
         computed = self.tower(pixel_values[missing])  # (M, N, D)
         fresh = dict(zip((image_ids[row] for row in missing), computed))
         for key, features in fresh.items():
             if self.max_images is None or len(self._features) < self.max_images:
-                self._features[key] = features.clone()  # not a view: the batch's tensor is freed
-        return torch.stack([self._features.get(key, fresh.get(key)) for key in image_ids])
+                # On the CPU (a copy, not a view of the batch): accelerator memory is for training.
+                self._features[key] = features.to("cpu", copy=True)
+        device = pixel_values.device
+        return torch.stack([fresh[key] if key in fresh else self._features[key].to(device) for key in image_ids])

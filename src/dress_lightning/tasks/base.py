@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from dress_lightning.atomic import crash_point
+from dress_lightning.checkpoints import load_checkpoint
 from dress_lightning.models import VisionLanguageConfig, build_tokenizer, build_vision_language_model, count_parameters
 from dress_lightning.models.feature_cache import VisionFeatureCache
 from dress_lightning.tasks.losses import masked_lm_loss, predicting_positions, selected_lm_loss
@@ -74,6 +75,7 @@ class VisionLanguageTask(L.LightningModule):
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         cache_image_features: bool = False,
+        feature_cache_max_images: int | None = 10_000,
     ) -> None:
         """
         Args:
@@ -86,6 +88,9 @@ class VisionLanguageTask(L.LightningModule):
             cache_image_features: Keep the frozen vision tower's features of every image in memory and reuse
                 them in later epochs instead of running the tower again (needs ``freeze_vision``; batches must
                 carry ``image_ids``, as ``ShardDataModule``'s do).
+            feature_cache_max_images: Images whose features the cache keeps (in CPU memory; later ones are
+                computed every time). One image costs patches x width x 4 bytes: 32 KiB on the tiny preset,
+                2.4 MB with ViT-L-14-336. None: no bound.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -97,6 +102,7 @@ class VisionLanguageTask(L.LightningModule):
         self.scheduler_factory = scheduler
         self.strict_loading = False
         self.cache_image_features = cache_image_features
+        self.feature_cache_max_images = feature_cache_max_images
         self.model = None
         self.tokenizer = None
         self.feature_cache: VisionFeatureCache | None = None
@@ -121,7 +127,7 @@ class VisionLanguageTask(L.LightningModule):
         if self.device_mesh is not None:
             self._shard(self.device_mesh)
         if self.cache_image_features:
-            self.feature_cache = VisionFeatureCache(self.model.vision)
+            self.feature_cache = VisionFeatureCache(self.model.vision, max_images=self.feature_cache_max_images)
         log.info("%s: %s", type(self).__name__, count_parameters(self.model))
 
     def _add_lora(self) -> None:
@@ -138,9 +144,10 @@ class VisionLanguageTask(L.LightningModule):
         self.model.language_model = get_peft_model(self.model.language_model, peft_config)
 
     def _load_init_checkpoint(self, path: str) -> None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"init_checkpoint {path!r} does not exist (set model.init_args.init_checkpoint).")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        role = "model.init_args.init_checkpoint"
+        state = load_checkpoint(path, role=role).get("state_dict")
+        if not isinstance(state, dict):
+            raise ValueError(f"{role} {path!r} has no state_dict: is it a LightningCLI checkpoint?")
         missing_trainable = [
             name for name, p in self.named_parameters() if p.requires_grad and name not in state
         ]
@@ -206,6 +213,10 @@ class VisionLanguageTask(L.LightningModule):
         self._log_throughput(batch)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False, batch_size=batch_size)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the callbacks' hooks, so a checkpoint due at this step is on disk (the fault suite kills here).
+        crash_point("fit.train_batch_end")
 
     def _log_throughput(self, batch: dict[str, Any]) -> None:
         now = time.perf_counter()
