@@ -17,6 +17,9 @@ commands:
   data      build, convert and inspect WebDataset shards (shapeworld, convert-*, inspect)
   feedback  NLF data engine: `feedback rollout -c configs/rollout.yaml` (rollouts, judges, refinement)
   evaluate  3H + interaction metrics and a report: `evaluate -c configs/eval.yaml [--ckpt PATH] [--out DIR]`
+  export    a self-contained folder (safetensors, LoRA merged, HF language model, model card): `export --checkpoint PATH --out DIR`
+  chat      talk to a model about an image, give feedback, switch the condition: `chat --checkpoint PATH --image IMG`
+  demo      the same in the browser (Gradio; `pip install -e ".[demo]"`): `demo --checkpoint PATH`
 
 Run `dress-lightning COMMAND --help` for the options of a command."""
 
@@ -39,6 +42,24 @@ def _evaluate_main(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _export_main(argv: Sequence[str]) -> int:
+    from dress_lightning.export import main
+
+    return main(argv)
+
+
+def _chat_main(argv: Sequence[str]) -> int:
+    from dress_lightning.chat import main
+
+    return main(argv)
+
+
+def _demo_main(argv: Sequence[str]) -> int:
+    from dress_lightning.demo import main
+
+    return main(argv)
+
+
 def _lightning_main(subcommand: str) -> Callable[[Sequence[str]], int]:
     def run(argv: Sequence[str]) -> int:
         from dress_lightning.lightning_cli import main
@@ -53,6 +74,9 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "data": _data_main,
     "feedback": _feedback_main,
     "evaluate": _evaluate_main,
+    "export": _export_main,
+    "chat": _chat_main,
+    "demo": _demo_main,
 }
 
 

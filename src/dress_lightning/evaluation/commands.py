@@ -53,7 +53,7 @@ class EvalConfig:
     """An evaluation job: a checkpoint answers eval sets, a judge scores them, metrics go into a report."""
 
     ckpt: str = "runs/crl/checkpoints/last.ckpt"
-    """Checkpoint to evaluate (a LightningCLI checkpoint of any task)."""
+    """Checkpoint to evaluate (a LightningCLI checkpoint of any task, or a folder written by ``export``)."""
     out: str = "runs/eval/crl"
     """Report directory: report.json, report.md, plots and responses.jsonl."""
     sets: list[EvalSet] = field(default_factory=list)
@@ -166,7 +166,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise ValueError(f"eval set names must be unique, got {names}")
     checkpoint = Path(config.ckpt)
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise FileNotFoundError(
             f"checkpoint {checkpoint} does not exist: pass --ckpt PATH, or train it first "
             "(python -m dress_lightning fit -c configs/crl.yaml writes runs/crl/checkpoints/last.ckpt)"

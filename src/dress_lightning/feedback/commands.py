@@ -48,7 +48,7 @@ class RolloutConfig:
     """A rollout job: policy checkpoint, prompts, decoding, judge, refinement turns, output."""
 
     checkpoint: str = "runs/sft/checkpoints/last.ckpt"
-    """Policy checkpoint (a LightningCLI checkpoint of any task)."""
+    """Policy checkpoint (a LightningCLI checkpoint of any task, or a folder written by ``export``)."""
     train_config_if_missing: str | None = "configs/sft.yaml"
     """If ``checkpoint`` does not exist, train it first with ``fit -c`` this config (None: fail instead)."""
     prompts: str = "data/shards/shapeworld/rollout"
@@ -105,7 +105,7 @@ def run_rollout(config: RolloutConfig) -> dict:
     from dress_lightning.inference import load_task
 
     checkpoint = Path(config.checkpoint)
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         if config.train_config_if_missing is None:
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist.")
         from dress_lightning.lightning_cli import main as lightning_main
