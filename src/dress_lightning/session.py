@@ -133,18 +133,17 @@ class ChatSession:
 
     @property
     def judge_annotations(self) -> dict[str, Any] | None:
-        """What the judge knows of the image. A ShapeWorld example's queries describe its own question only,
-        so a different first question is judged on the objects alone (mentions, not correctness)."""
+        """What the judge knows of the image. A ShapeWorld example's first query describes its own first
+        question; later user turns here are feedback on that question (as in rollouts), and a different
+        first question is judged on the objects alone (mentions, not correctness)."""
         if self.annotations is None:
             return None
-        annotations = dict(self.annotations)
         first = self.conversation[0]["content"] if self.conversation else ""
         asked_example = self.example_question is not None and (
             ensure_image_token(self.example_question).strip() == first.strip()
         )
-        if not asked_example:
-            annotations["queries"] = []
-        return annotations
+        queries = self.annotations.get("queries") or []
+        return {**self.annotations, "queries": queries[:1] if asked_example else []}
 
     @property
     def judges_mentions_only(self) -> bool:
