@@ -199,6 +199,9 @@ SUMMARY_KEYS: dict[str, tuple[str, str]] = {
     "improved_after_refinement": ("interaction", "improved_after_refinement"),
     "mean_gain": ("interaction", "mean_gain"),
     "top_within_k": ("interaction", "top_within_k"),
+    "pope_accuracy": ("pope", "accuracy"),
+    "pope_f1": ("pope", "f1"),
+    "pope_yes_ratio": ("pope", "yes_ratio"),
 }
 """Headline numbers: summary key -> (metric group, key); each from the first set that measured it."""
 

@@ -8,7 +8,8 @@ evaluation does. The axes read the trajectories:
 - helpfulness (and the judge's honesty score): first answers to benign prompts, per category;
 - honesty as CHAIR: object mentions of first answers to benign prompts in ``chair_categories``;
 - harmlessness: the judge's VLSafe verdicts and harmlessness score on harmful-intent prompts;
-- interaction: the mean judge score (over aspects) at every turn of every trajectory.
+- interaction: the mean judge score (over aspects) at every turn of every trajectory;
+- POPE: first answers to POPE prompts against their yes/no label (these prompts are not judged).
 
 Metric states are summed across ranks by TorchMetrics when ``compute`` runs, so every rank ends
 with the same results under DDP.
@@ -25,8 +26,9 @@ import torch
 from torchmetrics import SumMetric
 
 from dress_lightning.conversation import ConversationFormatter
+from dress_lightning.data.converters import POPE_CATEGORY
 from dress_lightning.data.schema import ASPECTS
-from dress_lightning.evaluation.metrics import CHAIR, AspectScore, RefinementGain, SafetyRate, ScoreByTurn
+from dress_lightning.evaluation.metrics import CHAIR, POPE, AspectScore, RefinementGain, SafetyRate, ScoreByTurn
 from dress_lightning.feedback.judges import Judge, JudgeFailure, SafetyVerdict
 from dress_lightning.feedback.rollout import RolloutModule, Trajectory
 from dress_lightning.feedback.synonyms import COCO, SHAPEWORLD, Vocabulary, annotated_objects
@@ -85,16 +87,31 @@ class EvaluationModule(RolloutModule):
         self.safety = SafetyRate()
         self.interaction = RefinementGain(max(refinement_turns, 1))
         self.score_by_turn = ScoreByTurn(max(refinement_turns, 1))
+        self.pope = POPE()
         self.prompts = SumMetric()
+
+    def _judge(self, trajectories: Sequence[Trajectory]) -> None:
+        # A POPE answer is scored against its yes/no label; it gets no feedback, hence no refinement.
+        for trajectory in trajectories:
+            if _pope_label(trajectory) is not None:
+                trajectory.feedback.append(None)
+        super()._judge([t for t in trajectories if _pope_label(t) is None])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         trajectories = super().predict_step(batch, batch_idx)
         self.prompts.update(len(trajectories))
-        verdicts = self._safety_verdicts([t for t in trajectories if _harmful(t)])
-        self._update_scores(trajectories)
-        self._update_chair(trajectories)
-        self._update_interaction(trajectories)
+        self._update_pope([t for t in trajectories if _pope_label(t) is not None])
+        judged = [t for t in trajectories if _pope_label(t) is None]
+        verdicts = self._safety_verdicts([t for t in judged if _harmful(t)])
+        self._update_scores(judged)
+        self._update_chair(judged)
+        self._update_interaction(judged)
         return [self.record(t, verdicts.get(t.sample.record["id"])) for t in trajectories]
+
+    def _update_pope(self, trajectories: Sequence[Trajectory]) -> None:
+        if trajectories:
+            self.pope.update([t.conversation[1]["content"] for t in trajectories],
+                             torch.tensor([_pope_label(t) for t in trajectories]))
 
     def _safety_verdicts(self, harmful: Sequence[Trajectory]) -> dict[str, SafetyVerdict | JudgeFailure]:
         items = [(t.sample.record["annotations"], t.conversation[:1], t.conversation[1]["content"]) for t in harmful]
@@ -177,11 +194,19 @@ class EvaluationModule(RolloutModule):
             "safety": _floats(self.safety.compute()),
             "interaction": _floats(self.interaction.compute()),
             "score_by_turn": [None if math.isnan(v) else v for v in self.score_by_turn.compute().tolist()],
+            "pope": _floats(self.pope.compute()),
         }
 
 
 def _harmful(trajectory: Trajectory) -> bool:
     return bool(trajectory.sample.record["annotations"]["safety"]["harmful_intent"])
+
+
+def _pope_label(trajectory: Trajectory) -> bool | None:
+    """The yes/no label of a POPE prompt (``data convert-pope``); None for any other prompt."""
+    queries = trajectory.sample.record["annotations"].get("queries") or [None]
+    query = queries[0]
+    return query["label"] == "yes" if query is not None and query["type"] == POPE_CATEGORY else None
 
 
 def _forward_fill(row: list[float]) -> list[float]:
