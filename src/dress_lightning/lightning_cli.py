@@ -6,18 +6,18 @@ import sys
 from collections.abc import Sequence
 
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from jsonargparse import lazy_instance, set_parsing_settings
 
 from dress_lightning.data.datamodule import ShardDataModule
+from dress_lightning.progress import FitSummary, StepProgressBar
 from dress_lightning.tasks import VisionLanguageTask
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
-    # Appended to the YAML's callbacks (so not repeated there); disable with enable_progress_bar: false.
-    "callbacks": [lazy_instance(RichProgressBar)],
+    # Appended to the YAML's callbacks (so not repeated there); disable the bar with enable_progress_bar: false.
+    "callbacks": [lazy_instance(StepProgressBar), lazy_instance(FitSummary)],
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
 }
 

@@ -88,7 +88,7 @@ def test_convert_pope_needs_a_split_it_can_tell(pope_files, tmp_path, capsys):
     assert "--split random|popular|adversarial" in capsys.readouterr().err
 
 
-def test_evaluate_reports_pope_from_the_labels_without_the_judge(pope_files, exported, tmp_path):
+def test_evaluate_reports_pope_from_the_labels_without_the_judge(pope_files, exported, tmp_path, capsys):
     questions, images = pope_files
     shards = tmp_path / "pope-shards"
     assert main(["data", "convert-pope", "--questions", str(questions), "--images", str(images),
@@ -99,8 +99,14 @@ def test_evaluate_reports_pope_from_the_labels_without_the_judge(pope_files, exp
                "batch_size": 4, "num_workers": 0}
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump(overlay))
+    capsys.readouterr()
     assert main(["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "-c", str(config)]) == 0
+    printed = capsys.readouterr().out
     report = json.loads((tmp_path / "report/report.json").read_text())
+    assert f"Report: {tmp_path / 'report' / 'report.md'}" in printed
+    assert f"pope_accuracy              {100 * report['summary']['pope_accuracy']['value']:5.1f}  (pope_adversarial)" \
+        in printed
+    assert f"Next: python -m dress_lightning export --checkpoint {exported}" in printed
     result = report["sets"]["pope_adversarial"]
     assert result["prompts"] == 4
     assert result["judge_calls"].get("calls", 0) == 0  # scored by the labels alone

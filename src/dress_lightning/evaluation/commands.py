@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -223,6 +222,7 @@ def main(argv: Sequence[str]) -> int:
     config = parser.instantiate_classes(namespace)
     config = EvalConfig(**{k: v for k, v in vars(config).items() if k in EvalConfig.__dataclass_fields__})
     report = run_evaluation(config)
-    print(json.dumps(report["summary"], indent=2))
-    print(f"Report: {Path(config.out) / 'report.md'}")
+    from dress_lightning.progress import describe_evaluation
+
+    print(describe_evaluation(report, Path(config.out)))
     return 0

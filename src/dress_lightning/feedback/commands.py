@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -163,5 +162,7 @@ def main(argv: Sequence[str]) -> int:
     config = parser.instantiate_classes(namespace)
     config = RolloutConfig(**{k: v for k, v in vars(config).items() if k in RolloutConfig.__dataclass_fields__})
     summary = run_rollout(config)
-    print(json.dumps(summary, indent=2))
+    from dress_lightning.progress import describe_rollout
+
+    print(describe_rollout(summary))
     return 0
