@@ -119,7 +119,14 @@ class TerminalChat:
         self.last_refinement = judgement.refinement
 
     def handle(self, line: str) -> bool:
-        """Run one line; returns False when the chat should end."""
+        """Run one line; returns False when the chat should end. A bad command says why and the chat goes on."""
+        try:
+            return self._handle(line)
+        except (FileNotFoundError, ValueError) as error:
+            self.say(f"(error: {error})")
+            return True
+
+    def _handle(self, line: str) -> bool:
         line = line.strip()
         if not line:
             return True

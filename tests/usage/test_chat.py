@@ -49,6 +49,9 @@ def test_a_person_asks_gives_feedback_switches_condition_and_refines(exported):
         child.expect("critique: ")
         child.expect_exact(USER_PROMPT)
 
+        child.sendline("/image /no/such/picture.png")
+        child.expect_exact("(error: image /no/such/picture.png does not exist)")
+        child.expect_exact(USER_PROMPT)
         child.sendline("/guidance")
         child.expect_exact("classifier-free guidance is not available")
         child.expect_exact(USER_PROMPT)
@@ -110,3 +113,20 @@ def test_answers_stream_token_by_token_and_feedback_becomes_the_next_turn(export
     assert [turn["role"] for turn in session.conversation] == ["user", "assistant", "user", "assistant"]
     assert session.conversation[2]["content"] == "Count again, more carefully."
     assert session.conversation[0]["content"].startswith("<image>\n")
+
+
+def test_an_llm_judge_comes_from_a_yaml_like_the_eval_configs(tmp_path):
+    import argparse
+
+    from dress_lightning.chat import build_judge
+
+    config = tmp_path / "judge.yaml"
+    config.write_text(
+        "class_path: dress_lightning.feedback.llm_judge.LLMJudge\n"
+        "init_args:\n"
+        "  backend:\n"
+        "    class_path: dress_lightning.feedback.llm_judge.OpenAIChatBackend\n"
+        "    init_args: {base_url: 'http://127.0.0.1:9/v1', model: judge-model, api_key_env: null}\n"
+    )
+    judge = build_judge(argparse.Namespace(judge=False, judge_config=str(config)))
+    assert judge.name == "llm:judge-model"
