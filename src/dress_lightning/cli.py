@@ -6,7 +6,9 @@ dependencies lazily so that ``--help`` and data tools start fast.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 USAGE = """usage: dress-lightning COMMAND [ARGS...]
@@ -80,8 +82,25 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+class _LibraryAdvertFilter(logging.Filter):
+    """Drops Lightning's "Tip: ... try installing litlogger" advert, printed by every Trainer of a run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_library_notices() -> None:
+    """Keep the terminal for what concerns our users: library adverts and internal deprecations go."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LibraryAdvertFilter())
+    # Raised inside Lightning's own pytree helper on this torch version; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # The main job trains what it starts from (SFT) through LightningCLI from inside a LightningCLI run.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to a project subcommand; returns the process exit code."""
+    quiet_library_notices()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -11,13 +12,13 @@ from lightning.pytorch.loggers import CSVLogger
 from jsonargparse import lazy_instance, set_parsing_settings
 
 from dress_lightning.data.datamodule import ShardDataModule
-from dress_lightning.progress import FitSummary, StepProgressBar
+from dress_lightning.progress import StepProgressBar, describe_fit
 from dress_lightning.tasks import VisionLanguageTask
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
     # Appended to the YAML's callbacks (so not repeated there); disable the bar with enable_progress_bar: false.
-    "callbacks": [lazy_instance(StepProgressBar), lazy_instance(FitSummary)],
+    "callbacks": [lazy_instance(StepProgressBar)],
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
 }
 
@@ -64,6 +65,15 @@ class DressCLI(LightningCLI):
                 + "\n  - ".join(problems)
                 + "\nChange them in the YAML or on the command line (e.g. --trainer.precision bf16-mixed)."
             )
+
+
+    def before_fit(self) -> None:
+        self.fit_started = time.monotonic()
+
+    def after_fit(self) -> None:
+        # After trainer.fit returns, so the progress bar has finished drawing above this summary.
+        if self.trainer.is_global_zero:
+            print(describe_fit(self.trainer, self.model, time.monotonic() - self.fit_started))
 
 
 def main(argv: Sequence[str]) -> int:

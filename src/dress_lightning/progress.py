@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 
@@ -40,20 +39,6 @@ class StepProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the run's directory says the version; the summary prints it
         return metrics
-
-
-class FitSummary(Callback):
-    """At the end of ``fit``: what was trained and where it is, the last losses, and the commands to run next."""
-
-    def __init__(self) -> None:
-        self.started: float | None = None
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.started = time.monotonic()
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking:
-            print(describe_fit(trainer, pl_module, time.monotonic() - (self.started or time.monotonic())))
 
 
 def describe_fit(trainer, pl_module, seconds: float) -> str:

@@ -10,6 +10,7 @@ def test_fit_shows_steps_says_the_random_tower_once_and_ends_with_what_next(lora
     assert "No pretrained weights loaded" not in output  # open_clip's, once per build: 9 times in the main job
     assert output.count("seeded random weights (vision_pretrained is null)") == 1
     assert "Epoch 0/-2" not in output and "v_num" not in output
+    assert "Tip:" not in output and "LeafSpec" not in output  # Lightning's advert and an internal deprecation
     assert "Training" in output and "2/2" in output  # steps done of max_steps
     summary = lora_crl_run.stdout[lora_crl_run.stdout.index("Trained CRLTask for 2 steps"):]
     checkpoint, metrics = lora_crl_run.checkpoint, lora_crl_run.root / "version_0" / "metrics.csv"
