@@ -119,3 +119,10 @@ def test_evaluate_reports_pope_from_the_labels_without_the_judge(pope_files, exp
     assert result["metrics"]["pope"]["accuracy"] is not None
     assert report["summary"]["pope_accuracy"]["set"] == "pope_adversarial"
     assert "| POPE | accuracy | precision | recall | f1 | yes_ratio |" in (tmp_path / "report/report.md").read_text()
+
+
+def test_eval_real_has_a_pope_set_per_split():
+    sets = {s["name"]: s for s in yaml.safe_load((ROOT / "configs/eval_real.yaml").read_text())["sets"]}
+    for split in ("random", "popular", "adversarial"):
+        assert sets[f"pope_{split}"]["shards"] == f"data/shards/eval/pope-{split}"
+        assert sets[f"pope_{split}"]["categories"] == []
