@@ -6,7 +6,9 @@ dependencies lazily so that ``--help`` and data tools start fast.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 USAGE = """usage: dress-lightning COMMAND [ARGS...]
@@ -19,6 +21,9 @@ commands:
   evaluate  3H + interaction metrics and a report: `evaluate -c configs/eval.yaml [--ckpt PATH] [--out DIR]`
   probe-tower
             does a vision tower see ShapeWorld? caption retrieval and linear probes of colour, shape, position
+  export    a self-contained folder (safetensors, LoRA merged, HF language model, model card): `export --checkpoint PATH --out DIR`
+  chat      talk to a model about an image, give feedback, switch the condition: `chat --checkpoint PATH --image IMG`
+  demo      the same in the browser (Gradio; `pip install -e ".[demo]"`): `demo --checkpoint PATH`
 
 Run `dress-lightning COMMAND --help` for the options of a command."""
 
@@ -47,6 +52,24 @@ def _probe_tower_main(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _export_main(argv: Sequence[str]) -> int:
+    from dress_lightning.export import main
+
+    return main(argv)
+
+
+def _chat_main(argv: Sequence[str]) -> int:
+    from dress_lightning.chat import main
+
+    return main(argv)
+
+
+def _demo_main(argv: Sequence[str]) -> int:
+    from dress_lightning.demo import main
+
+    return main(argv)
+
+
 def _lightning_main(subcommand: str) -> Callable[[Sequence[str]], int]:
     def run(argv: Sequence[str]) -> int:
         from dress_lightning.lightning_cli import main
@@ -62,11 +85,31 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "feedback": _feedback_main,
     "evaluate": _evaluate_main,
     "probe-tower": _probe_tower_main,
+    "export": _export_main,
+    "chat": _chat_main,
+    "demo": _demo_main,
 }
+
+
+class _LibraryAdvertFilter(logging.Filter):
+    """Drops Lightning's "Tip: ... try installing litlogger" advert, printed by every Trainer of a run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_library_notices() -> None:
+    """Keep the terminal for what concerns our users: library adverts and internal deprecations go."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LibraryAdvertFilter())
+    # Raised inside Lightning's own pytree helper on this torch version; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # The main job trains what it starts from (SFT) through LightningCLI from inside a LightningCLI run.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to a project subcommand; returns the process exit code."""
+    quiet_library_notices()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

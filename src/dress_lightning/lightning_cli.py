@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from jsonargparse import lazy_instance, set_parsing_settings
@@ -15,12 +16,13 @@ from lightning.pytorch import LightningModule
 
 from dress_lightning.checkpoints import load_checkpoint, task_class_of
 from dress_lightning.data.datamodule import ShardDataModule, SkippedSamplesReport
+from dress_lightning.progress import StepProgressBar, describe_fit
 from dress_lightning.stages import build_missing_inputs
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
     # Appended to the YAML's callbacks (so not repeated there); the progress bar goes with enable_progress_bar: false.
-    "callbacks": [lazy_instance(RichProgressBar), lazy_instance(SkippedSamplesReport)],
+    "callbacks": [lazy_instance(StepProgressBar), lazy_instance(SkippedSamplesReport)],
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
 }
 
@@ -100,6 +102,14 @@ class DressCLI(LightningCLI):
                 + "\n  - ".join(problems)
                 + "\nChange them in the YAML or on the command line (e.g. --trainer.precision bf16-mixed)."
             )
+
+    def before_fit(self) -> None:
+        self.fit_started = time.monotonic()
+
+    def after_fit(self) -> None:
+        # After trainer.fit returns, so the progress bar has finished drawing above this summary.
+        if self.trainer.is_global_zero:
+            print(describe_fit(self.trainer, self.model, time.monotonic() - self.fit_started))
 
 
 def stage_inputs(config) -> dict[str, str | None]:

@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.set_defaults(run=_run_convert_llava_bench)
 
+    sub = writer("convert-pope", "convert POPE question files (random / popular / adversarial, COCO val2014)", None)
+    sub.add_argument(
+        "--questions", type=Path, nargs="+", required=True,
+        help="coco_pope_{random,popular,adversarial}.json: {question_id, image, text, label} per line",
+    )
+    sub.add_argument("--images", type=Path, required=True, help="image directory (COCO val2014)")
+    sub.add_argument("--split", help="random, popular or adversarial: the split of every file (default: from each name)")
+    sub.set_defaults(run=_run_convert_pope)
+
     sub = writer(
         "convert-chair",
         "make a CHAIR captioning eval set from COCO annotations: a fixed image subset, one prompt per instruction",
@@ -356,6 +365,19 @@ def _run_convert_llava_bench(args: argparse.Namespace) -> int:
         llava_bench_to_sample, images=_image_dir(args), answers=answers, captions=captions
     )
     return _write(args, iter_jsonl([args.questions]), to_sample)
+
+
+def _run_convert_pope(args: argparse.Namespace) -> int:
+    from dress_lightning.data.converters import ImageDir, InputError, iter_jsonl, pope_split, pope_to_sample
+
+    _check_inputs(args.questions, [args.images])
+    try:
+        splits = {path: pope_split(path, args.split) for path in args.questions}
+    except InputError as error:
+        raise _CommandError(str(error)) from None
+    args.prefix = args.prefix or "pope-" + "-".join(dict.fromkeys(splits.values()))
+    to_sample = functools.partial(pope_to_sample, images=ImageDir(args.images), splits=splits)
+    return _write(args, iter_jsonl(args.questions), to_sample)
 
 
 def _run_convert_chair(args: argparse.Namespace) -> int:

@@ -67,6 +67,13 @@ CHAIR_DECODING = {"do_sample": False, "max_new_tokens": 512}
 """Recommended decoding for CHAIR: greedy, as the CHAIR literature does, so scores are reproducible."""
 
 
+POPE_SPLITS = ("random", "popular", "adversarial")
+"""POPE's three ways of choosing absent objects; each published file holds one (``coco_pope_random.json``)."""
+
+POPE_CATEGORY = "pope"
+"""Category of POPE prompts: scored against their yes/no label by the ``POPE`` metric, not by the judge."""
+
+
 class InputError(Exception):
     """An input file cannot be used at all (missing, not JSON); the command stops with this message."""
 
@@ -353,6 +360,38 @@ def vlsafe_to_sample(line: JsonLine, images: ImageDir) -> Sample:
             category="harmful",
         ),
         image_id,
+    )
+
+
+def pope_split(path: Path, given: str | None = None) -> str:
+    """POPE split of a question file: ``given``, else from its name (``coco_pope_adversarial.json`` -> adversarial)."""
+    if given is not None:
+        if given not in POPE_SPLITS:
+            raise InputError(f"--split {given!r} is not a POPE split; valid splits: {', '.join(POPE_SPLITS)}")
+        return given
+    found = [split for split in POPE_SPLITS if split in path.stem.lower()]
+    if len(found) != 1:
+        raise InputError(f"cannot tell the POPE split of {path.name} from its name; pass --split {'|'.join(POPE_SPLITS)}")
+    return found[0]
+
+
+def pope_to_sample(line: JsonLine, images: ImageDir, splits: Mapping[Path, str]) -> Sample:
+    """POPE line ``{question_id, image, text, label: yes|no}`` -> prompt + reference answer, label in the query."""
+    record = _require_dict(line.value)
+    label = record["label"].strip().lower()
+    if label not in ("yes", "no"):
+        raise ValueError(f"label must be yes or no, got {record['label']!r}")
+    split = splits[line.path]
+    return images.attach(
+        build_record(
+            sample_id=f"pope-{split}-{record['question_id']}",
+            source="pope",
+            image_id=normalize_image_id(record["image"]),
+            conversation=alternating_turns([ensure_image_token(record["text"]), label.capitalize()]),
+            queries=[{"type": POPE_CATEGORY, "label": label, "split": split}],
+            category=POPE_CATEGORY,
+        ),
+        record["image"],
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -55,7 +54,7 @@ class EvalConfig:
     """An evaluation job: a checkpoint answers eval sets, a judge scores them, metrics go into a report."""
 
     ckpt: str = "runs/crl/checkpoints/last.ckpt"
-    """Checkpoint to evaluate (a LightningCLI checkpoint of any task)."""
+    """Checkpoint to evaluate (a LightningCLI checkpoint of any task, or a folder written by ``export``)."""
     out: str = "runs/eval/crl"
     """Report directory: report.json, report.md, plots and responses.jsonl."""
     sets: list[EvalSet] = field(default_factory=list)
@@ -173,7 +172,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise ValueError(f"eval set names must be unique, got {names}")
     checkpoint = Path(config.ckpt)
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise FileNotFoundError(
             f"checkpoint {checkpoint} does not exist: pass --ckpt PATH, or train it first "
             "(python -m dress_lightning fit -c configs/crl.yaml writes runs/crl/checkpoints/last.ckpt)"
@@ -213,6 +212,9 @@ SUMMARY_KEYS: dict[str, tuple[str, str | None]] = {
     "top_within_k": ("interaction", "top_within_k"),
     "accuracy": ("accuracy", "overall"),
     "distinct_descriptions": ("distinct_descriptions", None),
+    "pope_accuracy": ("pope", "accuracy"),
+    "pope_f1": ("pope", "f1"),
+    "pope_yes_ratio": ("pope", "yes_ratio"),
 }
 """Headline numbers: summary key -> (metric group, key); each from the first set that measured it."""
 
@@ -239,6 +241,7 @@ def main(argv: Sequence[str]) -> int:
     config = parser.instantiate_classes(namespace)
     config = EvalConfig(**{k: v for k, v in vars(config).items() if k in EvalConfig.__dataclass_fields__})
     report = run_evaluation(config)
-    print(json.dumps(report["summary"], indent=2))
-    print(f"Report: {Path(config.out) / 'report.md'}")
+    from dress_lightning.progress import describe_evaluation
+
+    print(describe_evaluation(report, Path(config.out)))
     return 0

@@ -11,6 +11,7 @@ number of ranks equals the single-process result on all of their data. Results a
 - ``ScoreByTurn``: the mean score at each of those turns (the refinement curve).
 - ``AnswerAccuracy``: exact accuracy per question type (grounding: compare with a blind control).
 - ``DistinctAnswers``: the share of distinct answers (a model blind to the image repeats itself).
+- ``POPE``: object-probing yes/no questions (Li et al., EMNLP 2023): accuracy, precision, recall, F1, yes-ratio.
 """
 
 from __future__ import annotations
@@ -207,6 +208,62 @@ class SafetyRate(Metric):
             "relevance": _fraction(self.relevant, self.total),
             "safety": _fraction(self.safe, self.total),
             "persuasiveness": _fraction(self.persuasive, self.total),
+        }
+        return {key: value.to(self.dtype) for key, value in result.items()}
+
+
+def pope_says_yes(response: str) -> bool:
+    """Read a free-form answer to a POPE question as yes or no, with POPE's own rule (``evaluate.py``).
+
+    Only the first sentence counts; it is "no" when a word is exactly ``no``, ``No`` or ``not``, else "yes".
+    """
+    first_sentence = response.split(".")[0].replace(",", "")
+    return not {"no", "No", "not"} & set(first_sentence.split(" "))
+
+
+class POPE(Metric):
+    """POPE: yes/no answers to "Is there a <object> in the image?" against the label ("yes" = positive).
+
+    ``compute()`` returns ``accuracy``, ``precision``, ``recall``, ``f1`` and ``yes_ratio`` (the fraction
+    answered yes), as POPE's ``evaluate.py`` reports them; a quantity without data is ``nan``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    true_positive: Tensor
+    false_positive: Tensor
+    true_negative: Tensor
+    false_negative: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("true_positive", "false_positive", "true_negative", "false_negative"):
+            self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, responses: Sequence[str], labels: Tensor) -> None:
+        """Add free-form answers and their labels, a bool tensor (N,) (True: the object is in the image)."""
+        if labels.dtype != torch.bool or labels.ndim != 1 or labels.shape[0] != len(responses):
+            raise ValueError(f"labels must be a bool tensor (N,) with N = {len(responses)} responses, "
+                             f"got {labels.dtype} {tuple(labels.shape)}")
+        said_yes = torch.tensor([pope_says_yes(r) for r in responses], dtype=torch.bool, device=labels.device)
+        self.true_positive += (said_yes & labels).sum()
+        self.false_positive += (said_yes & ~labels).sum()
+        self.true_negative += (~said_yes & ~labels).sum()
+        self.false_negative += (~said_yes & labels).sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"accuracy", "precision", "recall", "f1", "yes_ratio"}``, fractions in [0, 1]."""
+        tp, fp, tn, fn = self.true_positive, self.false_positive, self.true_negative, self.false_negative
+        total = tp + fp + tn + fn
+        precision, recall = _fraction(tp, tp + fp), _fraction(tp, tp + fn)
+        result = {
+            "accuracy": _fraction(tp + tn, total),
+            "precision": precision,
+            "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall),
+            "yes_ratio": _fraction(tp + fp, total),
         }
         return {key: value.to(self.dtype) for key, value in result.items()}
 

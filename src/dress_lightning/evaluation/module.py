@@ -13,6 +13,7 @@ evaluation does. The axes read the trajectories:
   descriptions. With ``image_control`` the same prompts are answered with a blank image or with the
   image of another prompt (a blind control): the gap to the real images is how much answers depend
   on what the model sees. The judge always reads the true annotations.
+- POPE: first answers to POPE prompts against their yes/no label (these prompts are not judged).
 
 Metric states are summed across ranks by TorchMetrics when ``compute`` runs, so every rank ends
 with the same results under DDP.
@@ -29,10 +30,12 @@ import torch
 from torchmetrics import SumMetric
 
 from dress_lightning.conversation import ConversationFormatter
+from dress_lightning.data.converters import POPE_CATEGORY
 from dress_lightning.data.schema import ASPECTS
 from dress_lightning.data.shapeworld import QUESTION_TYPES
 from dress_lightning.evaluation.metrics import (
     CHAIR,
+    POPE,
     AnswerAccuracy,
     AspectScore,
     DistinctAnswers,
@@ -138,19 +141,34 @@ class EvaluationModule(RolloutModule):
         self.score_by_turn = ScoreByTurn(max(refinement_turns, 1))
         self.accuracy = AnswerAccuracy(GROUNDED_TYPES)
         self.distinct_descriptions = DistinctAnswers()
+        self.pope = POPE()
         self.prompts = SumMetric()
         self.images = ImageSwap(image_control)
+
+    def _judge(self, trajectories: Sequence[Trajectory]) -> None:
+        # A POPE answer is scored against its yes/no label; it gets no feedback, hence no refinement.
+        for trajectory in trajectories:
+            if _pope_label(trajectory) is not None:
+                trajectory.feedback.append(None)
+        super()._judge([t for t in trajectories if _pope_label(t) is None])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         batch["pixel_values"] = self.images(batch["pixel_values"])
         trajectories = super().predict_step(batch, batch_idx)
         self.prompts.update(len(trajectories))
-        verdicts = self._safety_verdicts([t for t in trajectories if _harmful(t)])
-        self._update_scores(trajectories)
-        self._update_chair(trajectories)
-        self._update_interaction(trajectories)
-        self._update_grounding(trajectories)
+        self._update_pope([t for t in trajectories if _pope_label(t) is not None])
+        judged = [t for t in trajectories if _pope_label(t) is None]
+        verdicts = self._safety_verdicts([t for t in judged if _harmful(t)])
+        self._update_scores(judged)
+        self._update_chair(judged)
+        self._update_interaction(judged)
+        self._update_grounding(judged)
         return [self.record(t, verdicts.get(t.sample.record["id"])) for t in trajectories]
+
+    def _update_pope(self, trajectories: Sequence[Trajectory]) -> None:
+        if trajectories:
+            self.pope.update([t.conversation[1]["content"] for t in trajectories],
+                             torch.tensor([_pope_label(t) for t in trajectories]))
 
     def _safety_verdicts(self, harmful: Sequence[Trajectory]) -> dict[str, SafetyVerdict | JudgeFailure]:
         items = [(t.sample.record["annotations"], t.conversation[:1], t.conversation[1]["content"]) for t in harmful]
@@ -250,11 +268,19 @@ class EvaluationModule(RolloutModule):
             "score_by_turn": [None if math.isnan(v) else v for v in self.score_by_turn.compute().tolist()],
             "accuracy": _floats(self.accuracy.compute()),
             "distinct_descriptions": _floats({"share": self.distinct_descriptions.compute()})["share"],
+            "pope": _floats(self.pope.compute()),
         }
 
 
 def _harmful(trajectory: Trajectory) -> bool:
     return bool(trajectory.sample.record["annotations"]["safety"]["harmful_intent"])
+
+
+def _pope_label(trajectory: Trajectory) -> bool | None:
+    """The yes/no label of a POPE prompt (``data convert-pope``); None for any other prompt."""
+    queries = trajectory.sample.record["annotations"].get("queries") or [None]
+    query = queries[0]
+    return query["label"] == "yes" if query is not None and query["type"] == POPE_CATEGORY else None
 
 
 def _forward_fill(row: list[float]) -> list[float]:

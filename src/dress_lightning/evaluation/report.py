@@ -101,6 +101,10 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
             lines += ["", "| interaction | value |", "|---|---|"]
             lines += [f"| {k} | {format_percent(v)} |" for k, v in interaction.items()]
             lines.append("| mean score by turn | " + ", ".join(format_percent(v) for v in metrics["score_by_turn"]) + " |")
+        pope = metrics.get("pope", {})
+        if pope.get("accuracy") is not None:
+            lines += ["", "| POPE | " + " | ".join(pope) + " |", "|---|" + "---|" * len(pope),
+                      "| % | " + " | ".join(format_percent(v) for v in pope.values()) + " |"]
     lines += ["", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
     return "\n".join(lines)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -50,8 +49,9 @@ class RolloutConfig:
     """A rollout job: policy checkpoint, prompts, decoding, judge, refinement turns, output."""
 
     checkpoint: str = "runs/sft/checkpoints/last.ckpt"
-    """Policy checkpoint (a LightningCLI checkpoint of any task); if missing, the stage that writes it runs first
-    (``dress_lightning.stages``: ``runs/sft/checkpoints/last.ckpt`` is trained by ``fit -c configs/sft.yaml``)."""
+    """Policy checkpoint (a LightningCLI checkpoint of any task, or a folder written by ``export``); if missing,
+    the stage that writes it runs first (``dress_lightning.stages``: ``runs/sft/checkpoints/last.ckpt`` is
+    trained by ``fit -c configs/sft.yaml``); any other missing path is an error."""
     train_config_if_missing: str | None = None
     """Deprecated and ignored: a missing checkpoint is built by the stage graph (``dress_lightning.stages``)."""
     prompts: str = "data/shards/shapeworld/rollout"
@@ -112,7 +112,8 @@ def run_rollout(config: RolloutConfig) -> dict:
     if config.train_config_if_missing is not None:
         log.warning("train_config_if_missing is deprecated and ignored: the stage graph (dress_lightning.stages) "
                     "builds a missing checkpoint it knows, and refuses one it does not.")
-    build_missing_inputs({"checkpoint": config.checkpoint})
+    if not checkpoint.exists():  # a file, or an exported folder
+        build_missing_inputs({"checkpoint": config.checkpoint})
 
     L.seed_everything(config.seed, workers=True)
     policy = load_task(str(checkpoint))
@@ -171,5 +172,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"error: unknown feedback command {argv[0]!r}; valid: rollout")
         return 2
     summary = run_rollout(load_rollout_config([], argv[1:]))
-    print(json.dumps(summary, indent=2))
+    from dress_lightning.progress import describe_rollout
+
+    print(describe_rollout(summary))
     return 0

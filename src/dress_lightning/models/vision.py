@@ -21,6 +21,18 @@ BUILTIN_OPEN_CLIP_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / 
 open_clip.add_model_config(BUILTIN_OPEN_CLIP_CONFIGS)
 
 
+class _RandomInitWarningFilter(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" warning.
+
+    open_clip says it on every build, and a run builds a tower several times (its geometry for the data
+    module, the model, every reload), so a newcomer saw it 9 times in one job; the training task says
+    it once, where it matters (``VisionLanguageTask.configure_model``).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
 @dataclass(frozen=True)
 class VisionSpec:
     """What the data pipeline needs to know about a tower, without its weights."""
@@ -64,9 +76,14 @@ def _create(model_name: str, pretrained: str | None, device: str) -> tuple[nn.Mo
             pretrained = None
     if device == "meta":
         pretrained = None
-    model, _, image_transform = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device, **preprocess
-    )
+    quiet = _RandomInitWarningFilter()
+    logging.getLogger().addFilter(quiet)  # open_clip logs on the root logger
+    try:
+        model, _, image_transform = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, **preprocess
+        )
+    finally:
+        logging.getLogger().removeFilter(quiet)
     # Only the image tower is kept; the text tower is dropped with `model`.
     return model.visual, image_transform
 

@@ -119,8 +119,12 @@ class VisionLanguageModel(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         eos_token_id: int | list[int] | None = None,
+        streamer=None,
     ) -> torch.Tensor:
         """Batched generation for left-padded prompts (B, T) with KV cache; returns new tokens (B, T_new).
+
+        ``streamer`` (a ``transformers`` streamer such as ``TextStreamer``; batch size 1) receives each new
+        token as it is chosen, for chat interfaces that print the answer while it is written.
 
         Sequences that stop early are padded with ``pad_token_id``. A row that has stopped leaves the
         batch (and the KV cache), so later steps only compute the rows still generating: the cost of a
@@ -149,6 +153,8 @@ class VisionLanguageModel(nn.Module):
             tokens = _next_tokens(logits.float(), do_sample, temperature, top_p)  # (b,)
             new_tokens[rows, step] = tokens
             steps = step + 1
+            if streamer is not None:
+                streamer.put(tokens.cpu())
             going = ~torch.isin(tokens, stops)
             if step + 1 == max_new_tokens or not going.any():
                 break
@@ -159,6 +165,8 @@ class VisionLanguageModel(nn.Module):
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             logits = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                         past_key_values=cache, use_cache=True).logits[:, -1]
+        if streamer is not None:
+            streamer.end()
         return new_tokens[:, :steps]
 
 

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
+_RANDOM_TOWERS_ANNOUNCED: set[str] = set()
+"""Vision towers whose random weights this process has told the user about (once each, not per build)."""
+
 
 @dataclass
 class LoraSettings:
@@ -118,6 +121,11 @@ class VisionLanguageTask(L.LightningModule):
         if self.model is not None:  # called again by trainer.test() after fit
             return
         config = self.configure_trainable(self.model_config)
+        if config.vision_pretrained is None and config.vision_model not in _RANDOM_TOWERS_ANNOUNCED:
+            _RANDOM_TOWERS_ANNOUNCED.add(config.vision_model)
+            log.warning("The vision tower %s has seeded random weights (vision_pretrained is null): expected for the "
+                        "tiny preset; a real model sets model.vision_pretrained (an open_clip tag or a file).",
+                        config.vision_model)
         self.tokenizer = build_tokenizer(config)
         self.model = build_vision_language_model(config, self.tokenizer)
         if self.lora is not None:
