@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 
+from dress_lightning import __version__
 from dress_lightning.evaluation.tower import retrieval_accuracy
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.models.init import deterministic_init
@@ -135,8 +138,16 @@ class ContrastiveTowerTask(L.LightningModule):
         save_file(state, partial, metadata={"open_clip_model": self.model_config.vision_model,
                                             "global_step": str(self.global_step)})
         partial.replace(path)  # atomic: a later stage never reads a half-written tower
-        provenance = {"open_clip_model": self.model_config.vision_model, "global_step": self.global_step,
-                      "checkpoint_of": "dress_lightning.tasks.ContrastiveTowerTask"}
+        provenance = {
+            "tool": f"{type(self).__module__}.{type(self).__qualname__}",
+            "dress_lightning_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "open_clip_model": self.model_config.vision_model,
+            "initialised_from": self.model_config.vision_pretrained,
+            "global_step": self.global_step,
+            "seed": os.environ.get("PL_GLOBAL_SEED"),
+            "last_metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items()},
+        }
         path.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
         log.info("Exported the trained %s tower to %s (vision_pretrained: %s).",
                  self.model_config.vision_model, path, path)
