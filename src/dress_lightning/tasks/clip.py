@@ -26,7 +26,6 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 
 from dress_lightning import __version__
-from dress_lightning.evaluation.tower import retrieval_accuracy
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.models.init import deterministic_init
 from dress_lightning.tasks.losses import hard_negative_loss
@@ -35,6 +34,21 @@ log = logging.getLogger(__name__)
 
 RETRIEVAL_POOL = 100
 """Captions each image is ranked against in validation retrieval (consecutive val samples)."""
+
+
+def retrieval_accuracy(images: torch.Tensor, texts: torch.Tensor, pool: int) -> torch.Tensor:
+    """Top-1 image-to-caption accuracy, each image ranking the ``pool`` captions of its chunk; (N, E) inputs.
+
+    Samples are split into consecutive chunks of ``pool`` (an incomplete last chunk is dropped);
+    row i of ``texts`` is the caption of row i of ``images``.
+    """
+    usable = len(images) // pool * pool
+    if usable == 0:
+        raise ValueError(f"retrieval among {pool} captions needs at least {pool} samples, got {len(images)}")
+    images = images[:usable].reshape(-1, pool, images.shape[-1])  # (C, P, E)
+    texts = texts[:usable].reshape(-1, pool, texts.shape[-1])  # (C, P, E)
+    best = (images @ texts.transpose(1, 2)).argmax(dim=-1)  # (C, P)
+    return (best == torch.arange(pool, device=best.device)).float().mean()
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
