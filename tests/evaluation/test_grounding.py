@@ -8,7 +8,8 @@ import torch
 from dress_lightning.data.shapeworld import generate_record, reference_answer
 from dress_lightning.evaluation.metrics import AnswerAccuracy, DistinctAnswers
 from dress_lightning.evaluation.module import ImageSwap
-from dress_lightning.evaluation.tower import cell_labels, linear_probe, retrieval_accuracy
+from dress_lightning.evaluation.tower import cell_labels, linear_probe
+from dress_lightning.tasks.clip import retrieval_accuracy
 from dress_lightning.feedback.annotation_judge import answers_correctly
 
 RED_CIRCLE = {"category": "circle", "shape": "circle", "color": "red", "size": "large", "position": "top left",

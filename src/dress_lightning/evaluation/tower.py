@@ -25,24 +25,11 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from dress_lightning.tasks.clip import retrieval_accuracy
+
 log = logging.getLogger(__name__)
 
 ATTRIBUTES = ("color", "shape")
-
-
-def retrieval_accuracy(images: torch.Tensor, texts: torch.Tensor, pool: int) -> torch.Tensor:
-    """Top-1 image-to-caption accuracy, each image ranking the ``pool`` captions of its chunk; (N, E) inputs.
-
-    Samples are split into consecutive chunks of ``pool`` (an incomplete last chunk is dropped);
-    row i of ``texts`` is the caption of row i of ``images``.
-    """
-    usable = len(images) // pool * pool
-    if usable == 0:
-        raise ValueError(f"retrieval among {pool} captions needs at least {pool} samples, got {len(images)}")
-    images = images[:usable].reshape(-1, pool, images.shape[-1])  # (C, P, E)
-    texts = texts[:usable].reshape(-1, pool, texts.shape[-1])  # (C, P, E)
-    best = (images @ texts.transpose(1, 2)).argmax(dim=-1)  # (C, P)
-    return (best == torch.arange(pool, device=best.device)).float().mean()
 
 
 @dataclass

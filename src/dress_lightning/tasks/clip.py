@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 
-from dress_lightning.evaluation.tower import retrieval_accuracy
+from dress_lightning import __version__
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.models.init import deterministic_init
 from dress_lightning.tasks.losses import hard_negative_loss
@@ -32,6 +34,21 @@ log = logging.getLogger(__name__)
 
 RETRIEVAL_POOL = 100
 """Captions each image is ranked against in validation retrieval (consecutive val samples)."""
+
+
+def retrieval_accuracy(images: torch.Tensor, texts: torch.Tensor, pool: int) -> torch.Tensor:
+    """Top-1 image-to-caption accuracy, each image ranking the ``pool`` captions of its chunk; (N, E) inputs.
+
+    Samples are split into consecutive chunks of ``pool`` (an incomplete last chunk is dropped);
+    row i of ``texts`` is the caption of row i of ``images``.
+    """
+    usable = len(images) // pool * pool
+    if usable == 0:
+        raise ValueError(f"retrieval among {pool} captions needs at least {pool} samples, got {len(images)}")
+    images = images[:usable].reshape(-1, pool, images.shape[-1])  # (C, P, E)
+    texts = texts[:usable].reshape(-1, pool, texts.shape[-1])  # (C, P, E)
+    best = (images @ texts.transpose(1, 2)).argmax(dim=-1)  # (C, P)
+    return (best == torch.arange(pool, device=best.device)).float().mean()
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -135,8 +152,16 @@ class ContrastiveTowerTask(L.LightningModule):
         save_file(state, partial, metadata={"open_clip_model": self.model_config.vision_model,
                                             "global_step": str(self.global_step)})
         partial.replace(path)  # atomic: a later stage never reads a half-written tower
-        provenance = {"open_clip_model": self.model_config.vision_model, "global_step": self.global_step,
-                      "checkpoint_of": "dress_lightning.tasks.ContrastiveTowerTask"}
+        provenance = {
+            "tool": f"{type(self).__module__}.{type(self).__qualname__}",
+            "dress_lightning_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "open_clip_model": self.model_config.vision_model,
+            "initialised_from": self.model_config.vision_pretrained,
+            "global_step": self.global_step,
+            "seed": os.environ.get("PL_GLOBAL_SEED"),
+            "last_metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items()},
+        }
         path.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
         log.info("Exported the trained %s tower to %s (vision_pretrained: %s).",
                  self.model_config.vision_model, path, path)
