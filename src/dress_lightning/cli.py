@@ -6,6 +6,7 @@ dependencies lazily so that ``--help`` and data tools start fast.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import warnings
@@ -28,46 +29,13 @@ commands:
 Run `dress-lightning COMMAND --help` for the options of a command."""
 
 
-def _data_main(argv: Sequence[str]) -> int:
-    from dress_lightning.data.commands import main
+def _lazy_command(module: str) -> Callable[[Sequence[str]], int]:
+    """A subcommand whose module, with its heavy imports, loads only when the command runs."""
 
-    return main(argv)
+    def run(argv: Sequence[str]) -> int:
+        return importlib.import_module(module).main(argv)
 
-
-def _feedback_main(argv: Sequence[str]) -> int:
-    from dress_lightning.feedback.commands import main
-
-    return main(argv)
-
-
-def _evaluate_main(argv: Sequence[str]) -> int:
-    from dress_lightning.evaluation.commands import main
-
-    return main(argv)
-
-
-def _probe_tower_main(argv: Sequence[str]) -> int:
-    from dress_lightning.evaluation.tower import main
-
-    return main(argv)
-
-
-def _export_main(argv: Sequence[str]) -> int:
-    from dress_lightning.export import main
-
-    return main(argv)
-
-
-def _chat_main(argv: Sequence[str]) -> int:
-    from dress_lightning.chat import main
-
-    return main(argv)
-
-
-def _demo_main(argv: Sequence[str]) -> int:
-    from dress_lightning.demo import main
-
-    return main(argv)
+    return run
 
 
 def _lightning_main(subcommand: str) -> Callable[[Sequence[str]], int]:
@@ -81,13 +49,13 @@ def _lightning_main(subcommand: str) -> Callable[[Sequence[str]], int]:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **{name: _lightning_main(name) for name in ("fit", "validate", "test", "predict")},
-    "data": _data_main,
-    "feedback": _feedback_main,
-    "evaluate": _evaluate_main,
-    "probe-tower": _probe_tower_main,
-    "export": _export_main,
-    "chat": _chat_main,
-    "demo": _demo_main,
+    "data": _lazy_command("dress_lightning.data.commands"),
+    "feedback": _lazy_command("dress_lightning.feedback.commands"),
+    "evaluate": _lazy_command("dress_lightning.evaluation.commands"),
+    "probe-tower": _lazy_command("dress_lightning.evaluation.tower"),
+    "export": _lazy_command("dress_lightning.export"),
+    "chat": _lazy_command("dress_lightning.chat"),
+    "demo": _lazy_command("dress_lightning.demo"),
 }
 
 
