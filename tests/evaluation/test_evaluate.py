@@ -19,11 +19,13 @@ def _responses(out: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (out / name / "responses.jsonl").read_text().splitlines()]
 
 
-def _approx(values: dict | list):
-    """pytest.approx of each float of a metric group; None (no data) must stay None."""
+def _approx(values: dict | list | float | None):
+    """pytest.approx of each float of a metric group (or of a single metric); None (no data) must stay None."""
     if isinstance(values, dict):
         return {k: None if v is None else pytest.approx(v) for k, v in values.items()}
-    return [None if v is None else pytest.approx(v) for v in values]
+    if isinstance(values, list):
+        return [None if v is None else pytest.approx(v) for v in values]
+    return None if values is None else pytest.approx(values)
 
 
 def _mean(values: list[float]) -> float:
