@@ -66,20 +66,24 @@ def describe_fit(trainer, pl_module, seconds: float) -> str:
 
 
 def describe_rollout(summary: dict[str, Any]) -> str:
-    """The end of ``feedback rollout``: samples written, the judge's work, mean scores per turn, what next."""
-    judge = summary["judge"]
+    """The end of ``feedback rollout``: samples written, the judge's work, mean scores per turn, what next.
+
+    ``summary`` counts every trajectory on disk (all runs, resumed ones included); ``runs[-1]`` is this run's.
+    """
+    this_run = summary["runs"][-1]
+    judge = this_run["judge"]
     lines = [
-        f"Rolled out {summary['trajectories']} trajectories: {summary['samples']} NLF samples in {summary['shards_dir']}"
-        f" (judge {judge['name']}: {judge.get('calls', 0)} calls, {judge.get('cache_hits', 0)} cached, "
-        f"{summary['judge_failures']} failures).",
+        f"Rolled out {this_run['trajectories']} trajectories in this run; {summary['samples']} NLF samples for "
+        f"{summary['prompts']} prompts in {summary['shards_dir']} (judge {judge['name']}: {judge.get('calls', 0)} "
+        f"calls, {judge.get('cache_hits', 0)} cached; {summary['judge_failures']} failures in all).",
     ]
     for turn, scores in summary["mean_score_fraction"].items():
         judged = summary["judged_responses_per_turn"][turn]
         lines.append(f"  {turn}: " + ", ".join(f"{aspect} {100 * v:.1f}%" for aspect, v in scores.items())
                      + f" ({judged} responses)")
-    skipped = sum(summary.get("skipped_prompts", {}).values())
-    if skipped:
-        lines.append(f"  skipped prompts: {summary['skipped_prompts']}")
+    skipped = this_run.get("skipped_prompts", {})
+    if sum(skipped.values()):
+        lines.append(f"  skipped prompts: {skipped}")
     lines += ["  details: summary.json next to the shards", "Next: python -m dress_lightning fit -c configs/crl.yaml"]
     return "\n".join(lines)
 
