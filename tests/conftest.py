@@ -4,14 +4,18 @@ OpenAI-compatible server on loopback."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -161,3 +165,51 @@ def fake_openai() -> Iterator[FakeOpenAIServer]:
     httpd.shutdown()
     httpd.server_close()
     thread.join(timeout=5)
+
+
+@contextmanager
+def _serving(command: Sequence[str], ready_url: str, log_path: Path, env: dict[str, str],
+             timeout: float = 180) -> Iterator[None]:
+    """Run a server subprocess until the block ends; enter once ``ready_url`` answers 200 (its log on failure)."""
+    name = " ".join([Path(command[0]).name, *command[1:4]])
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"{name} exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} did not answer within {timeout:.0f} s:\n{log_path.read_text()}")
+            time.sleep(0.25)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serving() -> Callable:
+    """``serving(command, ready_url, log_path, env)``: a context manager running a real server subprocess."""
+    return _serving
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function returning a free loopback port."""
+    return _free_port

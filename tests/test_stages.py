@@ -7,9 +7,12 @@ import io
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 import yaml
 
 from dress_lightning.cli import main
+from dress_lightning.data.shapeworld import generate_sample
+from dress_lightning.data.schema import encode_sample
 from dress_lightning.stages import DEFAULT_STAGES, Stage, build_missing_inputs, exists, producer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,12 +77,14 @@ def test_existing_inputs_tags_and_urls_run_nothing(tmp_path):
     assert ran == []
 
 
-def test_an_empty_shard_is_not_data(tmp_path):
+def test_an_empty_or_damaged_shard_is_not_data(tmp_path):
     shards = tmp_path / "nlf"
     shards.mkdir()
     (shards / "rollout-000000.tar").write_bytes(b"")
+    (shards / "rollout-000001.tar").write_bytes(b"not a tar")
     assert not exists(shards)
-    (shards / "rollout-000001.tar").write_bytes(b"not empty")
+    with wds.TarWriter(str(shards / "rollout-000002.tar"), encoder=False) as writer:
+        writer.write(encode_sample(generate_sample("train", 0, 0)))
     assert exists(shards)
 
 

@@ -64,11 +64,11 @@ def is_local_path(value: str) -> bool:
 
 
 def exists(path: str | Path) -> bool:
-    """A file, or a directory holding at least one non-empty shard (an empty ``.tar`` is not data)."""
+    """A file, or a directory of shards with at least one readable sample (an empty or damaged ``.tar`` is not data)."""
+    from dress_lightning.data.shards import holds_samples
+
     path = Path(path)
-    if path.is_dir():
-        return any(shard.stat().st_size > 0 for shard in path.glob("*.tar"))
-    return path.is_file()
+    return holds_samples(path) if path.is_dir() else path.is_file()
 
 
 def producer(path: str, stages: Iterable[Stage] = DEFAULT_STAGES) -> Stage | None:

@@ -4,14 +4,10 @@ server is in tests/conftest.py)."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from dress_lightning.data.schema import ObjectAnnotation
@@ -61,18 +57,12 @@ def tiny_judge_model(tmp_path_factory) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def transformers_server(tiny_judge_model, tmp_path_factory) -> Iterator[str]:
+def transformers_server(tiny_judge_model, tmp_path_factory, serving, free_port) -> Iterator[str]:
     """``transformers serve`` of the tiny model on a loopback port; yields the API base URL."""
     for module in ("fastapi", "uvicorn", "openai"):
         pytest.importorskip(module, reason="transformers serve needs the dev extra (transformers[serving])")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [
         str(Path(sys.executable).parent / "transformers"),
@@ -88,26 +78,5 @@ def transformers_server(tiny_judge_model, tmp_path_factory) -> Iterator[str]:
         "info",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"transformers serve exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"transformers serve did not answer within 180 s:\n{log_path.read_text()}")
-            time.sleep(0.25)
+    with serving(command, f"http://127.0.0.1:{port}/health", log_path, env):
         yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

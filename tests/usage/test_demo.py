@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -22,46 +18,17 @@ CHROMIUM = Path("/usr/bin/chromium")
 ANSWER_TIMEOUT_MS = 120_000  # the tiny model on 2 busy cores
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def demo_url(exported, tmp_path_factory) -> Iterator[str]:
+def demo_url(exported, tmp_path_factory, serving, free_port) -> Iterator[str]:
     """``python -m dress_lightning demo`` on a free loopback port; yields its URL."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("demo") / "demo.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dress_lightning", "demo", "--checkpoint", str(exported), "--port", str(port),
-             "--max-new-tokens", "8"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
+    command = [sys.executable, "-m", "dress_lightning", "demo", "--checkpoint", str(exported), "--port", str(port),
+               "--max-new-tokens", "8"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"demo exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"demo did not answer within 180 s:\n{log_path.read_text()}")
-            time.sleep(0.5)
+    with serving(command, url, log_path, env):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture

@@ -390,52 +390,23 @@ class ScoreByTurn(Metric):
         return (_fraction(self.score_sum, self.score_count) / self.score_max).to(self.dtype)
 
 
-class AnswerAccuracy(Metric):
+class AnswerAccuracy(AspectScore):
     """Exact accuracy of answers, overall and per question type (e.g. ShapeWorld's count, color, shape...).
 
-    ``compute()`` returns ``{"overall": correct / n, "<type>": correct_t / n_t}`` (nan for a type
-    without answers). Run with the image and with a blind control (blank or shuffled images): the gap
-    is how much the answers depend on the image.
+    An ``AspectScore`` of 0/1 scores: ``compute()`` returns ``{"overall": correct / n, "<type>": correct_t / n_t}``
+    (nan for a type without answers). Run with the image and with a blind control (blank or shuffled
+    images): the gap is how much the answers depend on the image.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    correct: Tensor
-    total: Tensor
-
     def __init__(self, question_types: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        question_types = list(question_types)
-        if len(set(question_types)) != len(question_types) or "overall" in question_types:
-            raise ValueError(f'question types must be unique and not "overall", got {question_types}')
-        self.question_types = question_types
-        self._index = {t: i for i, t in enumerate(question_types)}
-        self.add_state("correct", torch.zeros(len(question_types), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(len(question_types), dtype=torch.long), dist_reduce_fx="sum")
+        super().__init__(question_types, score_max=1.0, **kwargs)
 
     def update(self, correct: Tensor, question_types: Sequence[str]) -> None:
         """Add N answers: whether each is correct (N,) bool, and the type of its question."""
-        if correct.ndim != 1 or correct.shape[0] != len(question_types):
-            raise ValueError(
-                f"correct must have shape (N,) with N = len(question_types) = {len(question_types)}, "
-                f"got {tuple(correct.shape)}"
-            )
-        unknown = sorted(set(question_types) - self._index.keys())
+        unknown = sorted(set(question_types) - set(self.categories))
         if unknown:
-            raise ValueError(f"unknown question types {unknown}; valid ones: {self.question_types}")
-        index = torch.tensor([self._index[t] for t in question_types], device=correct.device, dtype=torch.long)
-        one_hot = (index[:, None] == torch.arange(len(self.question_types), device=correct.device)).long()  # (N, T)
-        self.correct += (one_hot * correct.long()[:, None]).sum(0)
-        self.total += one_hot.sum(0)
-
-    def compute(self) -> dict[str, Tensor]:
-        """``{"overall": ..., "<type>": ...}``: fractions correct (nan without answers)."""
-        overall = _fraction(self.correct.sum(), self.total.sum())
-        per_type = _fraction(self.correct, self.total)
-        result = {"overall": overall, **{t: per_type[i] for i, t in enumerate(self.question_types)}}
-        return {key: value.to(self.dtype) for key, value in result.items()}
+            raise ValueError(f"unknown question types {unknown}; valid ones: {self.categories}")
+        super().update(correct.to(_SUM_DTYPE), question_types)
 
 
 class DistinctAnswers(Metric):

@@ -222,19 +222,21 @@ class EvaluationModule(RolloutModule):
             self.score_by_turn.update(torch.tensor(filled))
 
     def _update_grounding(self, trajectories: Sequence[Trajectory]) -> None:
-        graded, correct = [], []
+        """Exact accuracy of first answers to ShapeWorld questions, and distinct answers among descriptions."""
+        graded, correct, descriptions = [], [], []
         for trajectory in trajectories:
             answer = trajectory.conversation[1]["content"]
             verdict = answers_correctly(trajectory.sample.record["annotations"], trajectory.conversation[:1], answer)
-            if verdict is not None:
-                graded.append(trajectory.sample.record["annotations"]["queries"][0]["type"])
-                correct.append(verdict)
+            if verdict is None:  # not a ShapeWorld question with an exact answer
+                continue
+            question_type = trajectory.sample.record["annotations"]["queries"][0]["type"]
+            graded.append(question_type)
+            correct.append(verdict)
+            if question_type == DESCRIBE_TYPE:
+                descriptions.append(answer)
         if graded:
             self.accuracy.update(torch.tensor(correct), graded)
-            self.distinct_descriptions.update([
-                t.conversation[1]["content"] for t in trajectories
-                if (t.sample.record["annotations"].get("queries") or [{}])[0].get("type") == DESCRIBE_TYPE
-            ])
+            self.distinct_descriptions.update(descriptions)
 
     def record(self, trajectory: Trajectory, verdict: SafetyVerdict | JudgeFailure | None) -> dict[str, Any]:
         """What ``responses.jsonl`` keeps of one prompt: the dialogue with refinements, feedback, verdict."""
