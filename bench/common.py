@@ -249,14 +249,11 @@ MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 def ensure_shapeworld(directory: str | Path, samples: int, shard_size: int = 250, split: str = "train") -> Path:
     """ShapeWorld shards in ``directory``, generated (deterministically, seed 0) if it has none."""
-    from dress_lightning.data.commands import main as data_main
+    from dress_lightning.data.shards import write_shapeworld
 
     directory = Path(directory)
     if not any(directory.glob("*.tar")):
-        args = ["shapeworld", "--out", str(directory), "--split", split, "--samples", str(samples), "--seed", "0",
-                "--shard-size", str(shard_size)]
-        if data_main(args) != 0:
-            raise RuntimeError(f"could not generate ShapeWorld shards into {directory}")
+        write_shapeworld(directory, split, samples, seed=0, shard_size=shard_size)
     return directory
 
 

@@ -9,17 +9,14 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from dress_lightning import __version__
-from dress_lightning.atomic import atomic_write_text
-from dress_lightning.data.schema import ASPECTS, DEFAULT_SCORE_MAX, MAX_IMAGE_MB, SCHEMA_VERSION, Sample
-from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, SPLITS, generate_sample
+from dress_lightning.data.schema import ASPECTS, DEFAULT_SCORE_MAX, MAX_IMAGE_MB, Sample
+from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, SPLITS
 
 PROG = "dress-lightning data"
 
@@ -219,13 +216,6 @@ def _check_inputs(files: Iterable[Path] = (), directories: Iterable[Path] = ()) 
             raise _CommandError(f"image directory not found: {path}")
 
 
-def _jsonable(value: Any) -> Any:
-    """Argument values as JSON: paths (also in lists) become strings."""
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
-
-
 def _write(
     args: argparse.Namespace,
     items: Iterable[tuple[str, Any]],
@@ -234,30 +224,28 @@ def _write(
     total: int | None = None,
     manifest_extra: dict[str, Any] | None = None,
 ) -> int:
-    """Shared tail of every writing command: write shards, print the summary, write the manifest.
-
-    ``manifest_extra`` adds command-specific provenance (e.g. how an eval set was chosen) to the manifest.
-    """
+    """Shared tail of every writing command: write the dataset, print the summary."""
     # Imported here (as in each command) because webdataset imports torch: --help stays fast.
-    from dress_lightning.data.shards import existing_shards, write_samples
+    from dress_lightning.data.shards import write_dataset
 
-    out: Path = args.out
-    old = existing_shards(out, args.prefix) if out.is_dir() else []
-    if old and not args.overwrite:
-        raise _CommandError(
-            f"{out} already holds {len(old)} shard(s) named {args.prefix}-*.tar; "
-            "pass --overwrite to replace them or --prefix to write next to them"
+    try:
+        report = write_dataset(
+            items, to_sample, args.out, args.prefix, shard_size=args.shard_size, tool=f"{PROG} {args.command}",
+            settings={k: v for k, v in vars(args).items() if k != "run"}, total=total, overwrite=args.overwrite,
+            manifest_extra=manifest_extra,
         )
-    report = write_samples(
-        items, to_sample, out, args.prefix, shard_size=args.shard_size, tool=f"{PROG} {args.command}", total=total
-    )
-    if report.written:
-        # The new shards are in place (same names replaced); only now do the old run's extra ones go.
-        for path in set(old) - set(report.shards):
-            path.unlink()
+    except FileExistsError as error:
+        raise _CommandError(str(error)) from None
+    _print_report(args.command, args.out, report)
+    if report.written == 0:
+        print(f"error: nothing was written; every input was skipped (details in {report.manifest})", file=sys.stderr)
+        return 1
+    return 0
 
+
+def _print_report(command: str, out: Path, report) -> None:
     console = Console()
-    console.print(f"{PROG} {args.command}: wrote {report.written} samples in {len(report.shards)} shard(s) to {out}")
+    console.print(f"{PROG} {command}: wrote {report.written} samples in {len(report.shards)} shard(s) to {out}")
     table = Table()
     table.add_column("outcome")
     table.add_column("count", justify="right")
@@ -268,33 +256,21 @@ def _write(
         table.add_row(f"skipped: {reason}", str(count), f"{example.where}: {example.detail}")
     console.print(table)
 
-    manifest = {
-        "command": f"{PROG} {args.command}",
-        "args": {k: _jsonable(v) for k, v in vars(args).items() if k != "run"},
-        "written": report.written,
-        "skipped": report.skips.counts(),
-        "shards": [p.name for p in report.shards],
-        "schema_version": SCHEMA_VERSION,
-        "dress_lightning_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        **(manifest_extra or {}),
-        "skipped_records": [vars(r) for r in report.skips.records],
-    }
-    manifest_path = out / f"{args.prefix}-manifest.json"
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    if report.written == 0:
-        print(f"error: nothing was written; every input was skipped (details in {manifest_path})", file=sys.stderr)
-        return 1
-    return 0
-
 
 def _run_shapeworld(args: argparse.Namespace) -> int:
+    from dress_lightning.data.shards import write_shapeworld
+
     if args.image_size < MIN_IMAGE_SIZE:
         raise _CommandError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
-    args.prefix = args.prefix or f"shapeworld-{args.split}"
-    items = ((f"{args.split}[{i}]", i) for i in range(args.samples))
-    to_sample = functools.partial(generate_sample, args.split, args.seed, image_size=args.image_size)
-    return _write(args, items, to_sample, total=args.samples)
+    try:
+        report = write_shapeworld(
+            args.out, args.split, args.samples, seed=args.seed, image_size=args.image_size,
+            shard_size=args.shard_size, prefix=args.prefix, overwrite=args.overwrite,
+        )
+    except FileExistsError as error:
+        raise _CommandError(str(error)) from None
+    _print_report(args.command, args.out, report)
+    return 0
 
 
 def _run_convert_llava(args: argparse.Namespace) -> int:

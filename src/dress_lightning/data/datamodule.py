@@ -39,7 +39,13 @@ from dress_lightning.conversation import (
 )
 from dress_lightning.data.images import decode_image
 from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample
-from dress_lightning.data.shards import SkipRecord, expand_shard_urls, holds_samples, missing_local_shards
+from dress_lightning.data.shards import (
+    SkipRecord,
+    expand_shard_urls,
+    holds_samples,
+    missing_local_shards,
+    write_shapeworld,
+)
 from dress_lightning.models.factory import VisionLanguageConfig, build_tokenizer
 from dress_lightning.models.vision import describe_vision_tower
 from dress_lightning.special_tokens import IMAGE_TOKEN
@@ -565,8 +571,6 @@ class ShardDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Runs once per node before setup: the embedded default works from a fresh clone.
-        from dress_lightning.data.commands import main as data_main
-
         for shards, spec in (
             (self.train_shards, self.train_shapeworld),
             (self.val_shards, self.val_shapeworld),
@@ -580,21 +584,7 @@ class ShardDataModule(L.LightningDataModule):
             if holds_samples(out):
                 continue
             log.info("Generating %d ShapeWorld %s samples into %s (first use).", spec.samples, spec.split, out)
-            args = [
-                "shapeworld",
-                "--out",
-                str(out),
-                "--split",
-                spec.split,
-                "--samples",
-                str(spec.samples),
-                "--seed",
-                str(spec.seed),
-                "--shard-size",
-                str(spec.shard_size),
-            ]
-            if data_main(args) != 0:
-                raise RuntimeError(f"Generating ShapeWorld shards into {out} failed (see above).")
+            write_shapeworld(out, spec.split, spec.samples, seed=spec.seed, shard_size=spec.shard_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is not None:

@@ -3,14 +3,19 @@
 ``write_samples`` is the one loop every writing command shares: input items -> record-to-sample
 function -> validation -> duplicate-key check -> ``webdataset.ShardWriter``; any input that fails
 is skipped and counted by reason, never silently and never crashing midway. Shards are written
-under ``.partial`` names and renamed only when all of them are complete.
+under ``.partial`` names and renamed only when all of them are complete. ``write_dataset`` adds what
+a dataset directory needs around it (no accidental overwrite, the manifest), and
+``write_shapeworld`` is the ShapeWorld generator as a library call.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from dress_lightning import __version__
-from dress_lightning.atomic import PARTIAL_SUFFIX, commit
-from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample, encode_sample, validate_sample
+from dress_lightning.atomic import PARTIAL_SUFFIX, atomic_write_text, commit
+from dress_lightning.data.schema import (
+    SCHEMA_VERSION,
+    Sample,
+    SampleValidationError,
+    decode_sample,
+    encode_sample,
+    validate_sample,
+)
+from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, generate_sample
 
 SHARD_SUFFIX = ".tar"
 SHARD_MTIME = 0
@@ -72,6 +85,8 @@ class WriteReport:
     written: int
     shards: list[Path]
     skips: SkipLog
+    manifest: Path | None = None
+    """The dataset manifest ``write_dataset`` wrote next to the shards."""
 
 
 def shard_pattern(out_dir: Path, prefix: str) -> str:
@@ -168,6 +183,89 @@ def write_samples(
         commit(partial, shard)
         shards.append(shard)
     return WriteReport(written=written, shards=shards, skips=skips)
+
+
+def write_dataset(
+    items: Iterable[tuple[str, Any]],
+    to_sample: Callable[[Any], Sample],
+    out_dir: Path,
+    prefix: str,
+    *,
+    shard_size: int,
+    tool: str,
+    settings: Mapping[str, Any],
+    total: int | None = None,
+    overwrite: bool = False,
+    manifest_extra: Mapping[str, Any] | None = None,
+) -> WriteReport:
+    """``write_samples`` into a dataset directory, then its manifest ``{prefix}-manifest.json``.
+
+    Refuses (``FileExistsError``) to replace shards an earlier run wrote with this prefix unless
+    ``overwrite``; the old shards are replaced only once the new ones exist. The manifest records
+    ``settings`` (what produced the data), the counts, and ``manifest_extra`` (e.g. how an eval set
+    was chosen).
+    """
+    old = existing_shards(out_dir, prefix) if out_dir.is_dir() else []
+    if old and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds {len(old)} shard(s) named {prefix}-*.tar; "
+            "pass --overwrite to replace them or --prefix to write next to them"
+        )
+    report = write_samples(items, to_sample, out_dir, prefix, shard_size=shard_size, tool=tool, total=total)
+    if report.written:
+        for path in set(old) - set(report.shards):  # an earlier, longer run's extra shards
+            path.unlink()
+    manifest = {
+        "command": tool,
+        "args": {key: _jsonable(value) for key, value in settings.items()},
+        "written": report.written,
+        "skipped": report.skips.counts(),
+        "shards": [p.name for p in report.shards],
+        "schema_version": SCHEMA_VERSION,
+        "dress_lightning_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(manifest_extra or {}),
+        "skipped_records": [vars(r) for r in report.skips.records],
+    }
+    report.manifest = out_dir / f"{prefix}-manifest.json"
+    atomic_write_text(report.manifest, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def _jsonable(value: Any) -> Any:
+    """Setting values as JSON: paths (also in lists) become strings."""
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def write_shapeworld(
+    out_dir: Path,
+    split: str,
+    samples: int,
+    *,
+    seed: int = 0,
+    image_size: int = 128,
+    shard_size: int = 1000,
+    prefix: str | None = None,
+    overwrite: bool = False,
+) -> WriteReport:
+    """Generate ``samples`` deterministic ShapeWorld samples of ``split`` into shards (the ``data shapeworld`` command)."""
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    settings = {"out": out_dir, "split": split, "samples": samples, "seed": seed, "image_size": image_size,
+                "shard_size": shard_size, "prefix": prefix or f"shapeworld-{split}", "overwrite": overwrite}
+    return write_dataset(
+        ((f"{split}[{i}]", i) for i in range(samples)),
+        functools.partial(generate_sample, split, seed, image_size=image_size),
+        Path(out_dir),
+        settings["prefix"],
+        shard_size=shard_size,
+        tool="dress-lightning data shapeworld",
+        settings=settings,
+        total=samples,
+        overwrite=overwrite,
+    )
 
 
 def expand_shard_urls(sources: Sequence[str]) -> list[str]:
