@@ -40,7 +40,7 @@ stage sft_more $RUN_DIR/sft_more/checkpoints/last.ckpt fit sft.yaml sft.yaml sft
 for model in sft sft_more crl crl_score_only crl_no_refinement; do
   stage "eval_$model" $RUN_DIR/eval/$model/report.json \
     $PYTHON -m dress_lightning evaluate -c configs/eval.yaml \
-      --ckpt $RUN_DIR/$model/checkpoints/last.ckpt --out $RUN_DIR/eval/$model
+      --checkpoint $RUN_DIR/$model/checkpoints/last.ckpt --out $RUN_DIR/eval/$model
 done
 
 $PYTHON bench/shapeworld_table.py $RUN_DIR --json bench/results/shapeworld_reproduction.json \

@@ -19,7 +19,7 @@ commands:
             Lightning CLI: `fit -c configs/sft.yaml` (several -c compose; --print_config shows the result)
   data      build, convert and inspect WebDataset shards (shapeworld, convert-*, inspect)
   feedback  NLF data engine: `feedback rollout -c configs/rollout.yaml` (rollouts, judges, refinement)
-  evaluate  3H + interaction metrics and a report: `evaluate -c configs/eval.yaml [--ckpt PATH] [--out DIR]`
+  evaluate  3H + interaction metrics and a report: `evaluate -c configs/eval.yaml [--checkpoint PATH] [--out DIR]`
   probe-tower
             does a vision tower see ShapeWorld? caption retrieval and linear probes of colour, shape, position
   export    a self-contained folder (safetensors, LoRA merged, HF language model, model card): `export --checkpoint PATH --out DIR`

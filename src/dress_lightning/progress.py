@@ -57,7 +57,7 @@ def describe_fit(trainer, pl_module, seconds: float) -> str:
     if saved:
         lines += [
             "Next:",
-            f"  python -m dress_lightning evaluate -c configs/eval.yaml --ckpt {saved} --out runs/eval/{Path(saved).parent.parent.name}",
+            f"  python -m dress_lightning evaluate -c configs/eval.yaml --checkpoint {saved} --out runs/eval/{Path(saved).parent.parent.name}",
             f"  python -m dress_lightning chat --checkpoint {saved} --shapeworld 0 --judge",
             f"  python -m dress_lightning demo --checkpoint {saved}",
             f"  python -m dress_lightning export --checkpoint {saved} --out {Path(saved).parent.parent / 'export'}",

@@ -60,7 +60,7 @@ def _coco_shards(directory: Path, harmful_only: bool = False) -> Path:
 
 def _eval_config(tmp_path: Path, checkpoint: Path, out: Path) -> Path:
     overlay = {
-        "ckpt": str(checkpoint),
+        "checkpoint": str(checkpoint),
         "out": str(out),
         "sets": [
             {"name": "shapeworld", "shards": str(tmp_path / "shapeworld"),

@@ -106,7 +106,13 @@ def test_condition_override_reaches_prompts_and_report(evaluated, tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="fit -c configs/crl.yaml"):
-        main(["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "--ckpt", str(tmp_path / "none.ckpt")])
+        main(["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "--checkpoint", str(tmp_path / "none.ckpt")])
+
+
+def test_ckpt_is_a_deprecated_alias_of_checkpoint(tmp_path):
+    """The old option name still selects the checkpoint, with a warning that names the new one."""
+    with pytest.warns(FutureWarning, match="use --checkpoint"), pytest.raises(FileNotFoundError, match="old.ckpt"):
+        main(["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "--ckpt", str(tmp_path / "old.ckpt")])
 
 
 @pytest.mark.slow

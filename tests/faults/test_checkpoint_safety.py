@@ -61,7 +61,7 @@ def test_load_task_refuses_a_task_class_outside_the_project(tmp_path):
 
 def test_evaluate_refuses_it(crafted, capsys):
     path, marker = crafted
-    assert main(["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "--ckpt", str(path)]) == 2
+    assert main(["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "--checkpoint", str(path)]) == 2
     assert "Refused to load checkpoint" in capsys.readouterr().err
     assert not marker.exists()
 

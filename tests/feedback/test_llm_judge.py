@@ -280,7 +280,7 @@ def test_evaluate_with_the_llm_judge_over_http(fake_openai, policy_checkpoint, t
                                        "init_args": {"base_url": fake_openai.base_url, "model": "judge-model",
                                                      "api_key_env": None}},
                            "cache_path": str(tmp_path / "cache.sqlite")}}
-    overlay = {"ckpt": str(policy_checkpoint), "out": str(tmp_path / "report"), "judge": judge,
+    overlay = {"checkpoint": str(policy_checkpoint), "out": str(tmp_path / "report"), "judge": judge,
                "sets": [{"name": "shapeworld", "shards": str(tmp_path / "prompts"), "samples": 6,
                          "shapeworld": {"split": "test", "samples": 6, "seed": 0, "shard_size": 3},
                          "categories": ["describe", "count", "color", "shape", "exists", "position", "conversation"],

@@ -99,7 +99,7 @@ def test_greedy_answers_of_the_export_equal_the_checkpoints(exported, lora_crl_c
 
 def test_evaluate_takes_an_exported_folder(exported, tmp_path):
     overlay = {
-        "ckpt": str(exported),
+        "checkpoint": str(exported),
         "out": str(tmp_path / "report"),
         "sets": [{"name": "shapeworld", "shards": str(tmp_path / "shapeworld"),
                   "shapeworld": {"split": "test", "samples": 4, "seed": 0, "shard_size": 4},

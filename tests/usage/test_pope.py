@@ -93,7 +93,7 @@ def test_evaluate_reports_pope_from_the_labels_without_the_judge(pope_files, exp
     shards = tmp_path / "pope-shards"
     assert main(["data", "convert-pope", "--questions", str(questions), "--images", str(images),
                  "--out", str(shards)]) == 0
-    overlay = {"ckpt": str(exported), "out": str(tmp_path / "report"),
+    overlay = {"checkpoint": str(exported), "out": str(tmp_path / "report"),
                "sets": [{"name": "pope_adversarial", "shards": str(shards), "shapeworld": None, "categories": [],
                          "generation": {"max_new_tokens": 6}}],
                "batch_size": 4, "num_workers": 0}

@@ -39,6 +39,7 @@ from dress_lightning.conversation import (
 )
 from dress_lightning.data.images import decode_image
 from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample
+from dress_lightning.data.shapeworld import ShapeWorldShards
 from dress_lightning.data.shards import (
     SkipRecord,
     expand_shard_urls,
@@ -160,16 +161,6 @@ class PromptEncoder(SampleEncoder):
 
 
 ENCODERS: dict[str, type[SampleEncoder]] = {"conversation": SampleEncoder, "caption": CaptionEncoder}
-
-
-@dataclass
-class ShapeWorldShards:
-    """ShapeWorld shards to generate into an empty shard directory on first use."""
-
-    split: Literal["train", "val", "test"] = "train"
-    samples: int = 2000
-    seed: int = 0
-    shard_size: int = 250
 
 
 def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ import hashlib
 import io
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from PIL import Image, ImageDraw
 
@@ -370,3 +371,13 @@ def iter_shapeworld_text(n: int, seed: int = 0, split: str = "train") -> Iterato
         yield from record["annotations"]["captions"]
         for turn in record["conversation"]:
             yield turn["content"].replace(f"{IMAGE_TOKEN}\n", "")
+
+
+@dataclass
+class ShapeWorldShards:
+    """ShapeWorld shards to generate into an empty shard directory on first use."""
+
+    split: Literal["train", "val", "test"] = "train"
+    samples: int = 2000
+    seed: int = 0
+    shard_size: int = 250

@@ -1,23 +1,22 @@
-"""``python -m dress_lightning evaluate -c configs/eval.yaml [--ckpt PATH] [--out DIR]``."""
+"""``python -m dress_lightning evaluate -c configs/eval.yaml [--checkpoint PATH] [--out DIR]``."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse import ActionConfigFile, ArgumentParser
-
-from dress_lightning.data.datamodule import ShapeWorldShards
-from dress_lightning.feedback.commands import TrainerSettings
+from dress_lightning.data.shapeworld import ShapeWorldShards
+from dress_lightning.decoding import GenerationSettings
+from dress_lightning.feedback.jobs import PredictJob, warn_deprecated
 from dress_lightning.feedback.judges import Judge
-from dress_lightning.tasks.base import GenerationSettings
 
 log = logging.getLogger(__name__)
+
+PROG = "dress-lightning evaluate"
 
 REPORT_FORMAT = "dress-eval-report-v1"
 """Version of ``report.json``'s layout; bump it when keys change."""
@@ -50,35 +49,27 @@ class EvalSet:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(PredictJob):
     """An evaluation job: a checkpoint answers eval sets, a judge scores them, metrics go into a report."""
 
-    ckpt: str = "runs/crl/checkpoints/last.ckpt"
+    checkpoint: str = "runs/crl/checkpoints/last.ckpt"
     """Checkpoint to evaluate (a LightningCLI checkpoint of any task, or a folder written by ``export``)."""
+    ckpt: str | None = None
+    """Deprecated alias of ``checkpoint`` (the name every command uses)."""
     out: str = "runs/eval/crl"
     """Report directory: report.json, report.md, plots and responses.jsonl."""
     sets: list[EvalSet] = field(default_factory=list)
     """The eval sets, in report order."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     """Decoding (default greedy, one answer per prompt), recorded in the report."""
-    judge: Judge | None = None
-    """The judge (class_path + init_args); None: the exact annotation judge."""
     condition: str | None = None
     """Condition text every answer gets instead of the checkpoint's own (None: its own; CRL: the target)."""
     batch_size: int = 32
-    """Prompts per generation batch on each rank."""
-    num_workers: int = 1
-    """Prompt loader workers per rank."""
-    seed: int = 0
-    """Seed set on every rank before each set (matters only when sampling)."""
-    trainer: TrainerSettings = field(default_factory=TrainerSettings)
 
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="dress-lightning evaluate", description=EvalConfig.__doc__, parser_mode="omegaconf")
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config (several compose).")
-    parser.add_class_arguments(EvalConfig, nested_key=None, fail_untyped=False)
-    return parser
+    def __post_init__(self) -> None:
+        if self.ckpt is not None:
+            warn_deprecated("--ckpt", f"use --checkpoint (taking {self.ckpt} as the checkpoint).")
+            self.checkpoint, self.ckpt = self.ckpt, None
 
 
 def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, out: Path,
@@ -90,29 +81,17 @@ def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, ou
     """
     import lightning as L
 
-    from dress_lightning.data.datamodule import ShardDataModule
     from dress_lightning.evaluation.module import Axes, EvaluationModule
     from dress_lightning.evaluation.report import ResponseWriter
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = ShardDataModule(
-        predict_shards=eval_set.shards,
-        predict_shapeworld=eval_set.shapeworld,
-        predict_condition=_condition(config, policy),
-        model=policy.model_config,
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-    )
-    datamodule.prepare_data()
-    datamodule.setup()
+    datamodule = config.prompt_datamodule(eval_set.shards, eval_set.shapeworld, policy, _condition(config, policy))
     generation = eval_set.generation or config.generation
     axes = Axes(eval_set.categories, eval_set.vocabulary, eval_set.chair_categories)
     module = EvaluationModule(policy, judge, datamodule.encoder.formatter, generation, axes, eval_set.refinement_turns,
                               config.condition, image_control)
     writer = ResponseWriter(out / eval_set.name / ("" if image_control == "image" else image_control))
-    trainer = config.trainer.build_trainer([writer])
-    if eval_set.samples is not None:
-        trainer.limit_predict_batches = math.ceil(eval_set.samples / (config.batch_size * trainer.world_size))
+    trainer = config.predict_trainer([writer], eval_set.samples)
     judge_before = judge.stats()
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     metrics = module.results()
@@ -149,7 +128,7 @@ def provenance(config: EvalConfig, policy, judge: Judge) -> dict[str, Any]:
         "tool": "dress-lightning evaluate",
         "dress_lightning_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "checkpoint": config.ckpt,
+        "checkpoint": config.checkpoint,
         "task": f"{type(policy).__module__}.{type(policy).__qualname__}",
         "condition": None if condition is None else {"format": CONDITION_FORMAT_VERSION, **asdict(condition)},
         "generation_condition": _condition(config, policy),
@@ -161,29 +140,26 @@ def provenance(config: EvalConfig, policy, judge: Judge) -> dict[str, Any]:
 
 
 def run_evaluation(config: EvalConfig) -> dict[str, Any]:
-    """Evaluate ``config.ckpt`` on every set; rank 0 writes the report. Returns the report."""
+    """Evaluate ``config.checkpoint`` on every set; rank 0 writes the report. Returns the report."""
     from dress_lightning.evaluation.report import write_report
-    from dress_lightning.feedback.annotation_judge import AnnotationJudge
-    from dress_lightning.inference import load_task
 
     if not config.sets:
         raise ValueError("no eval sets configured: add `sets:` to the config (see configs/eval.yaml)")
     names = [s.name for s in config.sets]
     if len(set(names)) != len(names):
         raise ValueError(f"eval set names must be unique, got {names}")
-    checkpoint = Path(config.ckpt)
-    if not checkpoint.exists():
+    if not Path(config.checkpoint).exists():
         raise FileNotFoundError(
-            f"checkpoint {checkpoint} does not exist: pass --ckpt PATH, or train it first "
+            f"checkpoint {config.checkpoint} does not exist: pass --checkpoint PATH, or train it first "
             "(python -m dress_lightning fit -c configs/crl.yaml writes runs/crl/checkpoints/last.ckpt)"
         )
-    policy = load_task(str(checkpoint))
-    judge = config.judge or AnnotationJudge()
+    policy = config.load_policy()
+    judge = config.resolve_judge()
     out = Path(config.out)
     report = {"format": REPORT_FORMAT, "provenance": provenance(config, policy, judge), "sets": {}}
     is_global_zero = True
     for eval_set in config.sets:
-        log.info("Evaluating %s on %s (%s).", config.ckpt, eval_set.name, eval_set.shards)
+        log.info("Evaluating %s on %s (%s).", config.checkpoint, eval_set.name, eval_set.shards)
         results = evaluate_set(config, eval_set, policy, judge, out)
         is_global_zero = results.pop("is_global_zero")
         results["controls"] = {}
@@ -236,10 +212,7 @@ def _metric(metrics: dict[str, Any], group: str, name: str | None) -> float | No
 
 def main(argv: Sequence[str]) -> int:
     """``evaluate ...``: evaluate a checkpoint and write the report."""
-    parser = build_parser()
-    namespace = parser.parse_args(list(argv))
-    config = parser.instantiate_classes(namespace)
-    config = EvalConfig(**{k: v for k, v in vars(config).items() if k in EvalConfig.__dataclass_fields__})
+    config = EvalConfig.parse(PROG, argv)
     report = run_evaluation(config)
     from dress_lightning.progress import describe_evaluation
 

@@ -47,7 +47,8 @@ from dress_lightning.feedback.annotation_judge import answers_correctly
 from dress_lightning.feedback.judges import Judge, JudgeFailure, SafetyVerdict
 from dress_lightning.feedback.rollout import RolloutModule, Trajectory
 from dress_lightning.feedback.synonyms import COCO, SHAPEWORLD, Vocabulary, annotated_objects
-from dress_lightning.tasks.base import GenerationSettings, VisionLanguageTask
+from dress_lightning.decoding import GenerationSettings
+from dress_lightning.tasks.base import VisionLanguageTask
 
 VOCABULARIES: dict[str, Vocabulary] = {"coco": COCO, "shapeworld": SHAPEWORLD}
 """Object vocabularies CHAIR can count mentions with, by name."""

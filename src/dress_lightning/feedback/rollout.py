@@ -30,7 +30,8 @@ from dress_lightning.data.datamodule import left_pad
 from dress_lightning.data.schema import ASPECTS, Sample, encode_sample, validate_sample
 from dress_lightning.data.shards import SHARD_MTIME, SHARD_SUFFIX, SkipLog, iter_samples
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, to_feedback
-from dress_lightning.tasks.base import GenerationSettings, VisionLanguageTask
+from dress_lightning.decoding import GenerationSettings
+from dress_lightning.tasks.base import VisionLanguageTask
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from dress_lightning.atomic import crash_point
 from dress_lightning.checkpoints import load_checkpoint
+from dress_lightning.decoding import GenerationSettings
 from dress_lightning.models import VisionLanguageConfig, build_tokenizer, build_vision_language_model, count_parameters
 from dress_lightning.models.feature_cache import VisionFeatureCache
 from dress_lightning.tasks.losses import masked_lm_loss, predicting_positions, selected_lm_loss
@@ -39,22 +40,6 @@ class LoraSettings:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """Names of the LM's linear layers that get adapters (Llama / Qwen2 naming)."""
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding for ``predict`` and rollouts (recorded as provenance in everything generated)."""
-
-    max_new_tokens: int = 96
-    """Longest response in tokens."""
-    do_sample: bool = False
-    """Sample (True) or greedy decode (False)."""
-    temperature: float = 1.0
-    """Softmax temperature when sampling."""
-    top_p: float = 1.0
-    """Nucleus sampling mass when sampling."""
-    num_samples: int = 1
-    """Responses per prompt (rollouts sample several)."""
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:

@@ -1,0 +1,24 @@
+"""How generating jobs decode: one settings record for ``generate``, rollouts, evaluation and chat.
+
+Kept free of torch so that the commands that configure it answer ``--help`` without loading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding for ``predict`` and rollouts (recorded as provenance in everything generated)."""
+
+    max_new_tokens: int = 96
+    """Longest response in tokens."""
+    do_sample: bool = False
+    """Sample (True) or greedy decode (False)."""
+    temperature: float = 1.0
+    """Softmax temperature when sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling mass when sampling."""
+    num_samples: int = 1
+    """Responses per prompt (rollouts sample several)."""
