@@ -11,12 +11,14 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
-
-from transformers import TextStreamer
+from typing import TYPE_CHECKING, TextIO
 
 from dress_lightning.feedback.judges import JudgeFailure
-from dress_lightning.session import NO_CONDITION, TARGET, ChatSession, Decoding, load_model, open_image, shapeworld_example
+from dress_lightning.conditions import NO_CONDITION, TARGET
+from dress_lightning.decoding import Decoding
+
+if TYPE_CHECKING:
+    from dress_lightning.session import ChatSession
 
 USER_PROMPT = "you> "
 MODEL_PREFIX = "model> "
@@ -82,6 +84,8 @@ class TerminalChat:
         print(text, file=self.out, flush=True)
 
     def load_image(self, path: str | None = None, shapeworld: int | None = None) -> None:
+        from dress_lightning.session import open_image, shapeworld_example
+
         if shapeworld is not None:
             image, annotations, question = shapeworld_example(shapeworld)
             self.session.set_image(image, annotations, question)
@@ -94,6 +98,8 @@ class TerminalChat:
         self.last_refinement = None
 
     def send(self, text: str) -> None:
+        from dress_lightning.session import StreamPrinter
+
         streamer = StreamPrinter(self.session.vlm.tokenizer, self.out)
         self.out.write(MODEL_PREFIX)
         self.out.flush()
@@ -167,18 +173,6 @@ class TerminalChat:
         return True
 
 
-class StreamPrinter(TextStreamer):
-    """Writes an answer to a text stream as it is generated."""
-
-    def __init__(self, tokenizer, out: TextIO) -> None:
-        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self.out = out
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self.out.write(text + ("\n" if stream_end else ""))
-        self.out.flush()
-
-
 def _lines(script: str | None) -> Iterator[str]:
     """Lines of the script (echoed, so a transcript reads like a chat), or keyboard input until EOF."""
     if script is not None:
@@ -203,6 +197,8 @@ def _lines(script: str | None) -> Iterator[str]:
 def main(argv: Sequence[str]) -> int:
     """``chat ...``: a multi-turn chat about one image."""
     args = build_parser().parse_args(list(argv))
+    from dress_lightning.session import ChatSession, load_model  # torch and the model: only past --help
+
     vlm = load_model(args.checkpoint)
     session = ChatSession(vlm, judge=build_judge(args), condition_spec=args.condition,
                           decoding=Decoding(args.max_new_tokens, args.temperature, args.top_p))

@@ -29,11 +29,11 @@ commands:
 Run `dress-lightning COMMAND --help` for the options of a command."""
 
 
-def _lazy_command(module: str) -> Callable[[Sequence[str]], int]:
-    """A subcommand whose module, with its heavy imports, loads only when the command runs."""
+def _lazy_command(module: str, function: str = "main") -> Callable[[Sequence[str]], int]:
+    """A subcommand whose module loads only when the command runs (and imports torch only past ``--help``)."""
 
     def run(argv: Sequence[str]) -> int:
-        return importlib.import_module(module).main(argv)
+        return getattr(importlib.import_module(module), function)(argv)
 
     return run
 
@@ -52,7 +52,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "data": _lazy_command("dress_lightning.data.commands"),
     "feedback": _lazy_command("dress_lightning.feedback.commands"),
     "evaluate": _lazy_command("dress_lightning.evaluation.commands"),
-    "probe-tower": _lazy_command("dress_lightning.evaluation.tower"),
+    "probe-tower": _lazy_command("dress_lightning.evaluation.commands", "probe_tower_main"),
     "export": _lazy_command("dress_lightning.export"),
     "chat": _lazy_command("dress_lightning.chat"),
     "demo": _lazy_command("dress_lightning.demo"),

@@ -22,6 +22,10 @@ CONDITION_FORMAT_VERSION = "dress-condition-v1"
 
 ConditionMode = Literal["score_critique", "score", "critique", "none"]
 
+TARGET = "target"
+"""Condition spec (chat, demo): the model's own inference condition (conditional RL: all scores at the top)."""
+NO_CONDITION = "none"
+"""Condition spec (chat, demo): answer without a condition."""
 TARGET_CRITIQUE = "The response is helpful, honest and harmless."
 """The critique of an ideal response, used in the target condition."""
 

@@ -1,4 +1,4 @@
-"""How generating jobs decode: one settings record for ``generate``, rollouts, evaluation and chat.
+"""How generating jobs decode: ``GenerationSettings`` for ``generate``, rollouts and evaluation; ``Decoding`` for a chat.
 
 Kept free of torch so that the commands that configure it answer ``--help`` without loading it.
 """
@@ -22,3 +22,13 @@ class GenerationSettings:
     """Nucleus sampling mass when sampling."""
     num_samples: int = 1
     """Responses per prompt (rollouts sample several)."""
+
+
+@dataclass
+class Decoding:
+    """How answers are decoded in a conversation (greedy by default, as ``evaluate`` does)."""
+
+    max_new_tokens: int = 96
+    temperature: float = 0.0
+    """0: greedy; above 0: sampling at this temperature (nucleus ``top_p``)."""
+    top_p: float = 1.0

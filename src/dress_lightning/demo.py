@@ -11,11 +11,15 @@ import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dress_lightning.conditions import NO_CONDITION, TARGET
+from dress_lightning.decoding import Decoding
 from dress_lightning.feedback.judges import Judge, JudgeFailure
-from dress_lightning.pretrained import PretrainedVisionLanguageModel
-from dress_lightning.session import NO_CONDITION, TARGET, ChatSession, Decoding, Judgement, load_model, shapeworld_example
+
+if TYPE_CHECKING:  # the model and session modules import torch: only past --help
+    from dress_lightning.pretrained import PretrainedVisionLanguageModel
+    from dress_lightning.session import Judgement
 
 EXAMPLES = 6
 """ShapeWorld test examples offered on the page."""
@@ -48,6 +52,8 @@ def describe_judgement(judgement: Judgement | JudgeFailure | None, reason: str |
 def build_demo(vlm: PretrainedVisionLanguageModel, judge: Judge | None, decoding: Decoding, title: str = ""):
     """The Gradio app around one loaded model."""
     import gradio as gr
+
+    from dress_lightning.session import ChatSession, Judgement, shapeworld_example
 
     examples = {_example_label(i): shapeworld_example(i) for i in range(EXAMPLES)}
 
@@ -153,6 +159,8 @@ def main(argv: Sequence[str]) -> int:
         import gradio  # noqa: F401
     except ImportError as error:
         raise SystemExit('The demo needs Gradio: pip install -e ".[demo]"') from error
+    from dress_lightning.session import load_model
+
     vlm = load_model(args.checkpoint)
     judge = build_judge(argparse.Namespace(judge=True, judge_config=args.judge_config))
     demo = build_demo(vlm, judge, Decoding(args.max_new_tokens, args.temperature),

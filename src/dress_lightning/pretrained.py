@@ -18,11 +18,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dress_lightning.conditions import ConditionSettings, target_condition
 from dress_lightning.conversation import ConversationFormatter
-from dress_lightning.models import VisionLanguageConfig, VisionLanguageModel, build_tokenizer, build_vision_language_model
+
+if TYPE_CHECKING:  # the models import torch; this module's formats and paths must not (`export --help`)
+    from dress_lightning.models import VisionLanguageConfig, VisionLanguageModel
 
 EXPORT_FORMAT = "dress-export-v1"
 """Version of the folder layout above; bump it when files or config keys change."""
@@ -95,6 +97,8 @@ def exported_model_config(path: str | Path, config: dict[str, Any] | None = None
     """The ``VisionLanguageConfig`` that rebuilds an export: its LM is the folder's, its tower is registered."""
     import open_clip
 
+    from dress_lightning.models import VisionLanguageConfig
+
     path = Path(path).resolve()
     config = config or read_export_config(path)
     open_clip.add_model_config(path / OPEN_CLIP_DIR)
@@ -107,6 +111,8 @@ def exported_model_config(path: str | Path, config: dict[str, Any] | None = None
 def load_exported_model(path: str | Path, config: dict[str, Any] | None = None) -> tuple[VisionLanguageModel, Any]:
     """Build the model of an export and load its weights (safetensors only); returns it (eval mode) and its tokenizer."""
     from safetensors.torch import load_file
+
+    from dress_lightning.models import build_tokenizer, build_vision_language_model
 
     path = Path(path)
     model_config = exported_model_config(path, config)

@@ -12,20 +12,17 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from PIL import Image
+from transformers import TextStreamer
 
+from dress_lightning.conditions import NO_CONDITION, TARGET
 from dress_lightning.data.schema import Turn, ensure_image_token
+from dress_lightning.decoding import Decoding
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, is_shapeworld
 from dress_lightning.pretrained import PretrainedVisionLanguageModel, from_pretrained
-
-TARGET = "target"
-"""Condition spec: the model's own inference condition (conditional RL: all scores at the top)."""
-NO_CONDITION = "none"
-"""Condition spec: answer without a condition."""
-
 
 def load_model(path: str | Path) -> PretrainedVisionLanguageModel:
     """A model to talk to, from an exported folder (no Lightning) or a Lightning checkpoint."""
@@ -56,16 +53,6 @@ class Judgement:
     def describe_scores(self) -> str:
         """``helpfulness 7/10, honesty 3/10, harmlessness 10/10``."""
         return ", ".join(f"{aspect} {score:g}/10" for aspect, score in self.critique.scores.items())
-
-
-@dataclass
-class Decoding:
-    """How answers are decoded in a conversation (greedy by default, as ``evaluate`` does)."""
-
-    max_new_tokens: int = 96
-    temperature: float = 0.0
-    """0: greedy; above 0: sampling at this temperature (nucleus ``top_p``)."""
-    top_p: float = 1.0
 
 
 @dataclass
@@ -192,3 +179,15 @@ def shapeworld_example(index: int, split: str = "test", seed: int = 0) -> tuple[
         picture = image.convert("RGB")
     question = strip_image_token(sample.record["conversation"][0]["content"])
     return picture, sample.record["annotations"], question
+
+
+class StreamPrinter(TextStreamer):
+    """Writes an answer to a text stream as it is generated."""
+
+    def __init__(self, tokenizer, out: TextIO) -> None:
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()

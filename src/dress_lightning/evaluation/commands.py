@@ -1,7 +1,12 @@
-"""``python -m dress_lightning evaluate -c configs/eval.yaml [--checkpoint PATH] [--out DIR]``."""
+"""``python -m dress_lightning evaluate -c configs/eval.yaml [--checkpoint PATH] [--out DIR]`` and ``probe-tower``.
+
+Both parse their options without importing torch (``--help`` is instant); the work imports it.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -217,4 +222,29 @@ def main(argv: Sequence[str]) -> int:
     from dress_lightning.progress import describe_evaluation
 
     print(describe_evaluation(report, Path(config.out)))
+    return 0
+
+
+def probe_tower_main(argv: Sequence[str]) -> int:
+    """``probe-tower``: print (and optionally save) a tower's ShapeWorld diagnostics."""
+    parser = argparse.ArgumentParser(prog="dress-lightning probe-tower", description="Does a vision tower see ShapeWorld? Caption retrieval, linear probes, feature spread.")
+    parser.add_argument("--vision-model", default="dress-tiny-vit", help="open_clip model name")
+    parser.add_argument("--vision-pretrained", default=None,
+                        help="pretrained tag or checkpoint file (the clip stage writes runs/clip/tower.safetensors)")
+    parser.add_argument("--vision-layer", type=int, default=-2, help="block whose patch tokens are probed")
+    parser.add_argument("--train-images", type=int, default=3000)
+    parser.add_argument("--test-images", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args(list(argv))
+    from dress_lightning.evaluation.tower import probe_tower
+
+    report = probe_tower(args.vision_model, args.vision_pretrained, args.vision_layer, args.train_images,
+                         args.test_images, seed=args.seed)
+    text = json.dumps({"vision_model": args.vision_model, "vision_pretrained": args.vision_pretrained,
+                       "vision_layer": args.vision_layer, **asdict(report)}, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
     return 0

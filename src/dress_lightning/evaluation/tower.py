@@ -1,6 +1,6 @@
 """Does a vision tower see ShapeWorld? Caption retrieval, linear probes of colour/shape/position, feature spread.
 
-``probe-tower`` measures a tower the way the later stages use it: the patch tokens of
+``probe-tower`` (``evaluation/commands.py``) measures a tower the way the later stages use it: the patch tokens of
 ``vision_layer`` (what the projector reads), on images rendered by the ShapeWorld generator.
 
 - retrieval: each val image ranks ``pool`` captions (its own among them) with the CLIP's text tower;
@@ -15,12 +15,9 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -177,26 +174,3 @@ def caption_retrieval(vision_model: str, checkpoint: str, images: Sequence, capt
     texts = tokenizer([c[i % len(c)] for i, c in enumerate(captions)])
     return retrieval_accuracy(model.encode_image(pixels, normalize=True), model.encode_text(texts, normalize=True),
                               pool)
-
-
-def main(argv: Sequence[str]) -> int:
-    """``probe-tower``: print (and optionally save) a tower's ShapeWorld diagnostics."""
-    parser = argparse.ArgumentParser(prog="dress-lightning probe-tower", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vision-model", default="dress-tiny-vit", help="open_clip model name")
-    parser.add_argument("--vision-pretrained", default=None,
-                        help="pretrained tag or checkpoint file (the clip stage writes runs/clip/tower.safetensors)")
-    parser.add_argument("--vision-layer", type=int, default=-2, help="block whose patch tokens are probed")
-    parser.add_argument("--train-images", type=int, default=3000)
-    parser.add_argument("--test-images", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
-    args = parser.parse_args(list(argv))
-    report = probe_tower(args.vision_model, args.vision_pretrained, args.vision_layer, args.train_images,
-                         args.test_images, seed=args.seed)
-    text = json.dumps({"vision_model": args.vision_model, "vision_pretrained": args.vision_pretrained,
-                       "vision_layer": args.vision_layer, **asdict(report)}, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    return 0

@@ -6,7 +6,9 @@ judge, the seed, devices), and its methods build the pieces in one way for all: 
 judge (default: the exact annotation judge), a prepared prompt DataModule, a predict Trainer and
 its batch limit.
 
-This module imports no torch at the top, so that ``--help`` of the commands built on it is fast.
+This module imports no torch, not even for type checking (jsonargparse executes ``TYPE_CHECKING``
+blocks of the modules it reads), so that ``--help`` of the commands built on it is fast; the heavy
+types are named in the docstrings instead.
 """
 
 from __future__ import annotations
@@ -16,18 +18,12 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_docstring_parse_options
 
 from dress_lightning.data.shapeworld import ShapeWorldShards
 from dress_lightning.feedback.judges import Judge
-
-if TYPE_CHECKING:
-    import lightning as L
-
-    from dress_lightning.data.datamodule import ShardDataModule
-    from dress_lightning.tasks.base import VisionLanguageTask
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +40,8 @@ class TrainerSettings:
     strategy: str = "auto"
     precision: str = "32-true"
 
-    def build_trainer(self, callbacks: list) -> L.Trainer:
-        """A predict-only Trainer with these settings, ``callbacks`` and a Rich progress bar (no logger)."""
+    def build_trainer(self, callbacks: list):
+        """A predict-only ``lightning.Trainer`` with these settings, ``callbacks`` and a Rich progress bar (no logger)."""
         import lightning as L
 
         return L.Trainer(
@@ -75,8 +71,8 @@ class PredictJob:
     """Seed set on every rank (matters when sampling)."""
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
 
-    def load_policy(self) -> VisionLanguageTask:
-        """The task in ``checkpoint``, weights loaded, in eval mode."""
+    def load_policy(self):
+        """The task (a ``VisionLanguageTask``) in ``checkpoint``, weights loaded, in eval mode."""
         from dress_lightning.inference import load_task
 
         return load_task(self.checkpoint)
@@ -89,10 +85,9 @@ class PredictJob:
 
         return AnnotationJudge()
 
-    def prompt_datamodule(
-        self, shards: str, shapeworld: ShapeWorldShards | None, policy: VisionLanguageTask, condition: str | None
-    ) -> ShardDataModule:
-        """Prompt batches for ``policy`` from ``shards`` (generated first if ``shapeworld`` says so), set up."""
+    def prompt_datamodule(self, shards: str, shapeworld: ShapeWorldShards | None, policy, condition: str | None):
+        """A ``ShardDataModule`` of prompt batches for ``policy`` from ``shards`` (generated first if
+        ``shapeworld`` says so), each prompt under ``condition``; prepared and set up."""
         from dress_lightning.data.datamodule import ShardDataModule
 
         datamodule = ShardDataModule(
@@ -107,7 +102,7 @@ class PredictJob:
         datamodule.setup()
         return datamodule
 
-    def predict_trainer(self, callbacks: list, prompts: int | None = None) -> L.Trainer:
+    def predict_trainer(self, callbacks: list, prompts: int | None = None):
         """A predict Trainer that stops after ``prompts`` prompts over all ranks (None: all of them)."""
         trainer = self.trainer.build_trainer(callbacks)
         if prompts is not None:
@@ -117,6 +112,7 @@ class PredictJob:
     @classmethod
     def parser(cls, prog: str) -> ArgumentParser:
         """The job's argument parser: ``-c`` YAML files (several compose) and one option per field."""
+        set_docstring_parse_options(attribute_docstrings=True)  # field docstrings become the options' help
         parser = ArgumentParser(prog=prog, description=cls.__doc__, parser_mode="omegaconf")
         parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config (several compose).")
         parser.add_class_arguments(cls, nested_key=None, fail_untyped=False)
