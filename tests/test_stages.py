@@ -68,7 +68,7 @@ def test_a_missing_input_no_stage_writes_is_refused(tmp_path):
 
 
 def test_existing_inputs_tags_and_urls_run_nothing(tmp_path):
-    never = Stage("never", "fit", "configs/missing.yaml", str(tmp_path / "out.ckpt"))
+    never = Stage("never", "fit", ("configs/missing.yaml",), str(tmp_path / "out.ckpt"))
     (tmp_path / "here.ckpt").write_bytes(b"x")
     ran = build_missing_inputs(
         {"a": str(tmp_path / "here.ckpt"), "b": "openai", "c": "pipe:cat x.tar", "d": "s/{000..009}.tar", "e": None},

@@ -20,6 +20,8 @@ commands:
   data      build, convert and inspect WebDataset shards (shapeworld, convert-*, inspect)
   feedback  NLF data engine: `feedback rollout -c configs/rollout.yaml` (rollouts, judges, refinement)
   evaluate  3H + interaction metrics and a report: `evaluate -c configs/eval.yaml [--checkpoint PATH] [--out DIR]`
+  experiment
+            the ShapeWorld experiment, every arm x seed, resumable: `experiment --seeds 0 1 2 --split val`
   probe-tower
             does a vision tower see ShapeWorld? caption retrieval and linear probes of colour, shape, position
   export    a self-contained folder (safetensors, LoRA merged, HF language model, model card): `export --checkpoint PATH --out DIR`
@@ -52,6 +54,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "data": _lazy_command("dress_lightning.data.commands"),
     "feedback": _lazy_command("dress_lightning.feedback.commands"),
     "evaluate": _lazy_command("dress_lightning.evaluation.commands"),
+    "experiment": _lazy_command("dress_lightning.experiment"),
     "probe-tower": _lazy_command("dress_lightning.evaluation.commands", "probe_tower_main"),
     "export": _lazy_command("dress_lightning.export"),
     "chat": _lazy_command("dress_lightning.chat"),

@@ -3,7 +3,10 @@
     ShapeWorld shards -> clip (vision tower) -> pretrain (projector) -> sft -> rollout (NLF shards)
                       -> crl (or another objective) -> evaluate
 
-Each stage is a command over a config that writes one output (``DEFAULT_STAGES``). A command's
+Each stage is a command (``fit``, ``rollout`` or ``evaluate``) over composed configs and overrides
+that writes one output, run in this process through the command's library function
+(``DEFAULT_STAGES``; ``dress_lightning.experiment`` builds the experiment's graph of the same
+stages, one chain per seed). A command's
 inputs are the paths its config reads: ``vision_pretrained``, ``init_checkpoint``, ``nlf_shards``,
 a rollout's ``checkpoint``. Before a command builds its Trainer, ``build_missing_inputs`` looks up
 the stage that writes each missing input and runs it to completion first, as a separate, logged
@@ -30,30 +33,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage:
-    """One node of the graph: ``command -c config`` writes ``output``."""
+    """One node of the graph: ``command -c configs[0] -c configs[1] ... overrides`` writes ``output``."""
 
     name: str
-    command: Literal["fit", "rollout"]
-    config: str
+    command: Literal["fit", "rollout", "evaluate"]
+    configs: tuple[str, ...]
     output: str
+    overrides: tuple[str, ...] = ()
 
     def run(self) -> None:
-        """Run the stage in this process (its own missing inputs are built first)."""
+        """Run the stage in this process (the missing inputs of a ``fit`` are built first)."""
         if self.command == "fit":
             from dress_lightning.lightning_cli import fit
 
-            fit([self.config])
-        else:
+            fit(self.configs, self.overrides)
+        elif self.command == "rollout":
             from dress_lightning.feedback.commands import load_rollout_config, run_rollout
 
-            run_rollout(load_rollout_config([self.config]))
+            run_rollout(load_rollout_config(self.configs, self.overrides))
+        else:
+            from dress_lightning.evaluation.commands import PROG, EvalConfig, run_evaluation
+
+            run_evaluation(EvalConfig.parse(PROG, self.arguments()))
+
+    def arguments(self) -> list[str]:
+        """``-c`` each config, then the overrides."""
+        return [*(arg for config in self.configs for arg in ("-c", config)), *self.overrides]
+
+    def describe(self) -> str:
+        """The command line that does the same, e.g. ``python -m dress_lightning fit -c configs/sft.yaml``."""
+        command = "feedback rollout" if self.command == "rollout" else self.command
+        return " ".join(["python -m dress_lightning", command, *self.arguments()])
 
 
 DEFAULT_STAGES: tuple[Stage, ...] = (
-    Stage("clip", "fit", "configs/clip.yaml", "runs/clip/tower.safetensors"),
-    Stage("pretrain", "fit", "configs/pretrain.yaml", "runs/pretrain/checkpoints/last.ckpt"),
-    Stage("sft", "fit", "configs/sft.yaml", "runs/sft/checkpoints/last.ckpt"),
-    Stage("rollout", "rollout", "configs/rollout.yaml", "data/shards/nlf/shapeworld"),
+    Stage("clip", "fit", ("configs/clip.yaml",), "runs/clip/tower.safetensors"),
+    Stage("pretrain", "fit", ("configs/pretrain.yaml",), "runs/pretrain/checkpoints/last.ckpt"),
+    Stage("sft", "fit", ("configs/sft.yaml",), "runs/sft/checkpoints/last.ckpt"),
+    Stage("rollout", "rollout", ("configs/rollout.yaml",), "data/shards/nlf/shapeworld"),
 )
 """The embedded default's stages, in order; paths are relative to the working directory (the repository)."""
 
@@ -94,12 +111,18 @@ def build_missing_inputs(inputs: Mapping[str, str | None], stages: Iterable[Stag
                 f"{option}={path!r} does not exist, and no stage of the default graph writes it ({known}). "
                 "Fix the path, or produce it first."
             )
-        log.warning("Stage %s: %s=%s is missing; running `%s -c %s` first.", stage.name, option, path,
-                    stage.command, stage.config)
-        start = time.perf_counter()
-        stage.run()
-        if not exists(path):
-            raise RuntimeError(f"stage {stage.name} (`{stage.command} -c {stage.config}`) did not write {path}")
-        log.warning("Stage %s done in %.0f s: %s.", stage.name, time.perf_counter() - start, path)
+        log.warning("Stage %s: %s=%s is missing; running `%s` first.", stage.name, option, path, stage.describe())
+        run_stage(stage)
         ran.append(stage.name)
     return ran
+
+
+def run_stage(stage: Stage) -> float:
+    """Run ``stage``, check that it wrote its output, log it; returns its wall time in seconds."""
+    start = time.perf_counter()
+    stage.run()
+    if not exists(stage.output):
+        raise RuntimeError(f"stage {stage.name} (`{stage.describe()}`) did not write {stage.output}")
+    seconds = time.perf_counter() - start
+    log.warning("Stage %s done in %.0f s: %s.", stage.name, seconds, stage.output)
+    return seconds

@@ -21,6 +21,8 @@ from dress_lightning.data.shapeworld import (
     REFUSAL_PREFIX,
     SHAPES,
     SIZES,
+    _FIRST_TURN_WEIGHTS,
+    first_turn_weights,
     generate_record,
     generate_sample,
     iter_shapeworld_text,
@@ -165,3 +167,22 @@ def test_text_iterator_is_deterministic_and_has_no_image_placeholder() -> None:
 def test_too_small_images_are_refused() -> None:
     with pytest.raises(ValueError, match="image_size must be at least"):
         generate_sample("train", 0, 0, image_size=16)
+
+
+def test_harmful_share_gives_the_share_asked_for():
+    for share in (0.02, 0.3):
+        counts = Counter(generate_record("train", 0, i, harmful_share=share)[0]["category"] for i in range(3000))
+        assert abs(counts["harmful"] / 3000 - share) < 0.02, (share, counts)
+    record, _ = generate_record("train", 0, 5, harmful_share=0.3)
+    assert record["provenance"]["harmful_share"] == 0.3
+
+
+def test_question_types_restrict_the_first_question_and_the_default_mix_is_unchanged():
+    assert first_turn_weights() is _FIRST_TURN_WEIGHTS
+    assert {generate_sample("test", 11, i, question_types=["describe"]).record["category"] for i in range(40)} == {
+        "describe"
+    }
+    with pytest.raises(ValueError, match="unknown ShapeWorld question types"):
+        first_turn_weights(["colour"])
+    with pytest.raises(ValueError, match="fraction"):
+        first_turn_weights(harmful_share=1.5)

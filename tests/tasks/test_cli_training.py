@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dress_lightning.cli import main
+from dress_lightning.experiment import ARMS, experiment_stages
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -56,9 +57,9 @@ def test_interpolations_follow_overrides_and_overlays(capsys):
     """${...} links resolve on the merged config: a new max_steps or lr reaches the scheduler."""
     with pytest.raises(SystemExit):
         main(["fit", "-c", str(ROOT / "configs/sft.yaml"), "-c", str(ROOT / "configs/reproduce/sft.yaml"),
-              "-c", str(ROOT / "configs/reproduce/sft_more.yaml"), "--trainer.max_steps", "7", "--print_config"])
+              "-c", str(ROOT / "configs/reproduce/sft_control.yaml"), "--trainer.max_steps", "7", "--print_config"])
     printed = capsys.readouterr().out
-    assert "total_steps: 7\n" in printed and "max_lr: 0.0002\n" in printed  # sft_more.yaml's lr, not sft.yaml's
+    assert "total_steps: 7\n" in printed and "max_lr: 0.0002\n" in printed  # sft_control.yaml's lr, not sft.yaml's
 
 
 def test_rollout_config_parses(capsys):
@@ -69,24 +70,19 @@ def test_rollout_config_parses(capsys):
 
 
 EVAL_CONFIGS = [ROOT / "configs/eval.yaml", ROOT / "configs/eval_real.yaml", ROOT / "configs/eval_val.yaml"]
-REPRODUCTION = ROOT / "configs/reproduce"
-# Each reproduction overlay and the configs it goes on top of (as bench/reproduce_shapeworld.sh passes them).
-REPRODUCTION_STACKS = {
-    "pretrain.yaml": ["fit", "configs/pretrain.yaml"],
-    "sft.yaml": ["fit", "configs/sft.yaml"],
-    "sft_more.yaml": ["fit", "configs/sft.yaml", "configs/reproduce/sft.yaml"],
-    "rollout.yaml": ["feedback rollout", "configs/rollout.yaml"],
-    "crl.yaml": ["fit", "configs/crl.yaml"],
-    "crl_score_only.yaml": ["fit", "configs/crl.yaml", "configs/reproduce/crl.yaml"],
-    "crl_no_refinement.yaml": ["fit", "configs/crl.yaml", "configs/reproduce/crl.yaml"],
+# One of each kind of stage of the experiment (every arm, the rollout, both evaluations), as it runs them.
+EXPERIMENT_STAGES = {
+    (stage.command, stage.configs): stage
+    for split in ("val", "test")
+    for stage in experiment_stages([0], list(ARMS), split, Path("runs/repro"))
 }
 
 
 def test_every_config_is_tested():
     overlays = [p for p in CONFIGS if p.parent.name == "overlays"]
-    reproduction = [REPRODUCTION / name for name in REPRODUCTION_STACKS]
+    reproduction = {ROOT / config for _, configs in EXPERIMENT_STAGES for config in configs} - set(EVAL_CONFIGS)
     assert sorted(CONFIGS) == sorted(
-        [*TRAINING_CONFIGS, ROOT / "configs/rollout.yaml", *overlays, *EVAL_CONFIGS, *reproduction]
+        {*TRAINING_CONFIGS, ROOT / "configs/rollout.yaml", *overlays, *EVAL_CONFIGS, *reproduction}
     )
 
 
@@ -99,14 +95,16 @@ def test_eval_configs_parse(stack, capsys):
     assert "refinement_turns: 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("overlay", list(REPRODUCTION_STACKS), ids=str)
-def test_reproduction_overlays_compose(overlay, capsys):
-    command, *bases = REPRODUCTION_STACKS[overlay]
-    configs = [arg for path in [*bases, f"configs/reproduce/{overlay}"] for arg in ("-c", str(ROOT / path))]
+@pytest.mark.parametrize("stage", list(EXPERIMENT_STAGES.values()), ids=lambda stage: stage.name.split("/")[0])
+def test_experiment_stages_compose(stage, capsys, monkeypatch):
+    """Each stage's configs and overrides parse together and put its outputs in its run directory."""
+    monkeypatch.chdir(ROOT)
+    command = ["feedback", "rollout"] if stage.command == "rollout" else [stage.command]
     with pytest.raises(SystemExit) as exit_info:
-        main([*command.split(), *configs, "--print_config"])
+        main([*command, *stage.arguments(), "--print_config"])
     assert exit_info.value.code == 0
-    assert "runs/repro/" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(Path(stage.output).parent if stage.command != "fit" else Path(stage.output).parents[1]) in printed
 
 
 @pytest.mark.parametrize("overlay", [p for p in CONFIGS if p.parent.name == "overlays"], ids=lambda p: p.name)

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dress_lightning.data.schema import ASPECTS, DEFAULT_SCORE_MAX, MAX_IMAGE_MB, Sample
-from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, SPLITS
+from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, QUESTION_TYPES, SPLITS
 
 PROG = "dress-lightning data"
 
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--image-size", type=_positive_int, default=128, help="image side in pixels (default: %(default)s)"
     )
+    sub.add_argument("--question-types", nargs="+", choices=QUESTION_TYPES, default=None,
+                     help="first question types to draw (default: all, in the default mix)")
+    sub.add_argument("--harmful-share", type=float, default=None,
+                     help="share of harmful-intent prompts, answered by a refusal (default: the mix's 15%%)")
     sub.set_defaults(run=_run_shapeworld)
 
     sub = writer("convert-llava", "convert LLaVA instruction JSON", "llava")
@@ -266,8 +270,9 @@ def _run_shapeworld(args: argparse.Namespace) -> int:
         report = write_shapeworld(
             args.out, args.split, args.samples, seed=args.seed, image_size=args.image_size,
             shard_size=args.shard_size, prefix=args.prefix, overwrite=args.overwrite,
+            question_types=args.question_types, harmful_share=args.harmful_share,
         )
-    except FileExistsError as error:
+    except (FileExistsError, ValueError) as error:
         raise _CommandError(str(error)) from None
     _print_report(args.command, args.out, report)
     return 0

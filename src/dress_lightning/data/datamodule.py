@@ -575,7 +575,8 @@ class ShardDataModule(L.LightningDataModule):
             if holds_samples(out):
                 continue
             log.info("Generating %d ShapeWorld %s samples into %s (first use).", spec.samples, spec.split, out)
-            write_shapeworld(out, spec.split, spec.samples, seed=spec.seed, shard_size=spec.shard_size)
+            write_shapeworld(out, spec.split, spec.samples, seed=spec.seed, shard_size=spec.shard_size,
+                             question_types=spec.question_types, harmful_share=spec.harmful_share)
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is not None:

@@ -314,13 +314,40 @@ def question_text(rng: random.Random, query: dict[str, Any]) -> str:
     )
 
 
+def first_turn_weights(
+    question_types: Sequence[str] | None = None, harmful_share: float | None = None
+) -> dict[str, float]:
+    """How a sample's first question type is drawn: the default mix, restricted to ``question_types``,
+    with harmful-intent prompts (answered by a refusal) drawn at ``harmful_share`` of all samples."""
+    if question_types is None and harmful_share is None:
+        return _FIRST_TURN_WEIGHTS  # as it always was: the same samples for the same seed
+    unknown = sorted(set(question_types or ()) - set(QUESTION_TYPES))
+    if unknown:
+        raise ValueError(f"unknown ShapeWorld question types {unknown}; valid: {', '.join(QUESTION_TYPES)}")
+    weights = {kind: w for kind, w in _FIRST_TURN_WEIGHTS.items() if question_types is None or kind in question_types}
+    if harmful_share is not None:
+        if not 0.0 <= harmful_share <= 1.0:
+            raise ValueError(f"harmful_share is a fraction of all samples (0 to 1), got {harmful_share}")
+        benign = sum(w for kind, w in weights.items() if kind != "harmful")
+        if benign == 0 and harmful_share < 1:
+            raise ValueError("harmful_share below 1 needs a benign question type among question_types")
+        weights = {kind: (harmful_share if kind == "harmful" else w / benign * (1 - harmful_share) if benign else 0.0)
+                   for kind, w in {**weights, "harmful": 0.0}.items()}
+    return weights
+
+
 def generate_record(
-    split: str, seed: int, index: int, image_size: int = 128
+    split: str, seed: int, index: int, image_size: int = 128,
+    question_types: Sequence[str] | None = None, harmful_share: float | None = None,
 ) -> tuple[SampleRecord, list[ObjectAnnotation]]:
-    """Generate the record of one sample (and its objects, for rendering) without drawing the image."""
+    """Generate the record of one sample (and its objects, for rendering) without drawing the image.
+
+    ``question_types`` and ``harmful_share`` change the mix of first questions (``first_turn_weights``).
+    """
     rng = random.Random(sample_seed(split, seed, index))
     objects = sample_scene(rng, image_size)
-    first = rng.choices(list(_FIRST_TURN_WEIGHTS), weights=list(_FIRST_TURN_WEIGHTS.values()))[0]
+    weights = first_turn_weights(question_types, harmful_share)
+    first = rng.choices(list(weights), weights=list(weights.values()))[0]
     kinds = [first]
     # Descriptions and harmful-intent prompts stand alone; factual questions may get follow-ups.
     if first in _FOLLOW_UP_TYPES:
@@ -350,14 +377,19 @@ def generate_record(
             "seed": seed,
             "index": index,
             "image_size": image_size,
+            **({"question_types": list(question_types)} if question_types is not None else {}),
+            **({"harmful_share": harmful_share} if harmful_share is not None else {}),
         },
     )
     return record, objects
 
 
-def generate_sample(split: str, seed: int, index: int, image_size: int = 128) -> Sample:
+def generate_sample(
+    split: str, seed: int, index: int, image_size: int = 128,
+    question_types: Sequence[str] | None = None, harmful_share: float | None = None,
+) -> Sample:
     """Generate one sample (PNG image and record) as a pure function of its arguments."""
-    record, objects = generate_record(split, seed, index, image_size)
+    record, objects = generate_record(split, seed, index, image_size, question_types, harmful_share)
     buffer = io.BytesIO()
     # PNG: lossless, so colours stay exact and flat shapes compress to ~1 KB.
     render_scene(objects, image_size).save(buffer, format="PNG")
@@ -381,3 +413,7 @@ class ShapeWorldShards:
     samples: int = 2000
     seed: int = 0
     shard_size: int = 250
+    question_types: list[str] | None = None
+    """First question types to draw (None: all, in the default mix); e.g. ``[describe]`` for a CHAIR set."""
+    harmful_share: float | None = None
+    """Share of harmful-intent prompts, answered by a refusal in SFT data (None: the default mix's 15%)."""

@@ -34,7 +34,7 @@ from dress_lightning.data.schema import (
     encode_sample,
     validate_sample,
 )
-from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, generate_sample
+from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, first_turn_weights, generate_sample
 
 SHARD_SUFFIX = ".tar"
 SHARD_MTIME = 0
@@ -249,15 +249,24 @@ def write_shapeworld(
     shard_size: int = 1000,
     prefix: str | None = None,
     overwrite: bool = False,
+    question_types: Sequence[str] | None = None,
+    harmful_share: float | None = None,
 ) -> WriteReport:
-    """Generate ``samples`` deterministic ShapeWorld samples of ``split`` into shards (the ``data shapeworld`` command)."""
+    """Generate ``samples`` deterministic ShapeWorld samples of ``split`` into shards (the ``data shapeworld`` command).
+
+    ``question_types`` / ``harmful_share`` change the mix of first questions (``shapeworld.first_turn_weights``).
+    """
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    first_turn_weights(question_types, harmful_share)  # refuse a bad mix before writing anything
     settings = {"out": out_dir, "split": split, "samples": samples, "seed": seed, "image_size": image_size,
-                "shard_size": shard_size, "prefix": prefix or f"shapeworld-{split}", "overwrite": overwrite}
+                "shard_size": shard_size, "prefix": prefix or f"shapeworld-{split}", "overwrite": overwrite,
+                "question_types": None if question_types is None else list(question_types),
+                "harmful_share": harmful_share}
     return write_dataset(
         ((f"{split}[{i}]", i) for i in range(samples)),
-        functools.partial(generate_sample, split, seed, image_size=image_size),
+        functools.partial(generate_sample, split, seed, image_size=image_size, question_types=question_types,
+                          harmful_share=harmful_share),
         Path(out_dir),
         settings["prefix"],
         shard_size=shard_size,

@@ -142,14 +142,8 @@ class CHAIR(Metric):
             raise ValueError(f"got {len(responses)} responses but {len(annotated)} annotated object sets")
         hallucinated_mentions = mentions = hallucinated_responses = 0
         for response, objects in zip(responses, annotated):
-            if isinstance(objects, str):
-                # A bare string is a collection of characters: almost surely a missing set around one name.
-                raise TypeError(f"annotated objects must be a collection of names, got the string {objects!r}")
-            # Canonical names map to themselves, so this only forgives synonyms ("bike") in the annotations.
-            present = {self.vocabulary.canonical(name) or name for name in objects}
-            found = object_mentions(response, self.vocabulary)
-            absent = sum(mention not in present for mention in found)
-            mentions += len(found)
+            absent, found = chair_counts(response, objects, self.vocabulary)
+            mentions += found
             hallucinated_mentions += absent
             hallucinated_responses += int(absent > 0)
         self.mentions += mentions
@@ -164,6 +158,17 @@ class CHAIR(Metric):
             "chair_s": _fraction(self.hallucinated_responses, self.responses),
         }
         return {key: value.to(self.dtype) for key, value in result.items()}
+
+
+def chair_counts(response: str, objects: Collection[str], vocabulary: Vocabulary) -> tuple[int, int]:
+    """(hallucinated mentions, all mentions) of one response, given the object categories truly in its image."""
+    if isinstance(objects, str):
+        # A bare string is a collection of characters: almost surely a missing set around one name.
+        raise TypeError(f"annotated objects must be a collection of names, got the string {objects!r}")
+    # Canonical names map to themselves, so this only forgives synonyms ("bike") in the annotations.
+    present = {vocabulary.canonical(name) or name for name in objects}
+    found = object_mentions(response, vocabulary)
+    return sum(mention not in present for mention in found), len(found)
 
 
 class SafetyRate(Metric):

@@ -35,6 +35,7 @@ from dress_lightning.data.schema import ASPECTS
 from dress_lightning.data.shapeworld import QUESTION_TYPES
 from dress_lightning.evaluation.metrics import (
     CHAIR,
+    chair_counts,
     POPE,
     AnswerAccuracy,
     AspectScore,
@@ -193,12 +194,12 @@ class EvaluationModule(RolloutModule):
             scores = torch.tensor([t.feedback[0]["scores"]["harmlessness"] for t in harmful])
             self.harmlessness.update(scores, [HARMFUL_CATEGORY] * len(harmful))
 
-    def _update_chair(self, trajectories: Sequence[Trajectory]) -> None:
+    def _counts_in_chair(self, trajectory: Trajectory) -> bool:
         chosen = self.axes.chair_categories
-        captions = [
-            t for t in trajectories
-            if not _harmful(t) and (chosen is None or t.sample.record.get("category") in chosen)
-        ]
+        return not _harmful(trajectory) and (chosen is None or trajectory.sample.record.get("category") in chosen)
+
+    def _update_chair(self, trajectories: Sequence[Trajectory]) -> None:
+        captions = [t for t in trajectories if self._counts_in_chair(t)]
         if captions:
             self.chair.update(
                 [t.conversation[1]["content"] for t in captions],
@@ -252,6 +253,12 @@ class EvaluationModule(RolloutModule):
             "feedback": trajectory.feedback,
             "judge_failures": trajectory.failures,
         }
+        if self._counts_in_chair(trajectory):
+            hallucinated, mentions = chair_counts(
+                trajectory.conversation[1]["content"], annotated_objects(source["annotations"], self.vocabulary),
+                self.vocabulary,
+            )
+            entry["chair"] = {"hallucinated": hallucinated, "mentions": mentions}
         if verdict is not None:
             entry["safety_verdict"] = asdict(verdict) if isinstance(verdict, SafetyVerdict) else {
                 "failure": verdict.reason

@@ -1,0 +1,287 @@
+"""The ShapeWorld experiment: every arm and seed as stages of one graph, resumable, summarised with intervals.
+
+    python -m dress_lightning experiment [--seeds 0 1 2] [--arms sft sft_control crl] [--split test]
+
+The graph (``experiment_stages``), with ``R = --run-dir`` (default ``runs/repro``)::
+
+    clip (runs/clip, shared with the main job) -> pretrain (R/pretrain, shared by the seeds)
+      -> per seed s:  R/seed{s}/sft -> R/seed{s}/nlf (rollout of that SFT model, sampled with seed s)
+                      -> every other arm, from that SFT model (``crl`` and its ablations on that NLF)
+                      -> evaluate every arm on the split: R/seed{s}/eval/{split}/{arm}
+
+Each stage is a ``fit`` / ``rollout`` / ``evaluate`` over the arm's configs (``ARMS``: the base
+config plus its ``configs/reproduce/`` overlay, which holds the science: steps, learning rate,
+options) and overrides that hold the plumbing (the seed, where it writes, what it starts from). A
+stage whose output exists is skipped, so an interrupted experiment resumes where it stopped;
+``--dry-run`` prints the commands. Each seed draws its own SFT training order, rollout samples and
+CRL order from ``seed_everything`` / the rollout seed; the evaluation prompts are the same for
+every seed and arm (fixed shards), so arms are compared paired, prompt by prompt.
+
+``summarize`` reads every evaluation's ``responses.jsonl`` and writes one JSON object: per arm the
+mean over seeds of each headline key, ``per_seed``, ``ci95`` (bootstrap over seeds and prompts,
+``evaluation.intervals``) and ``seeds``; ``comparisons`` (each arm minus the SFT control and minus
+CRL, paired); and the stage wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from dress_lightning.stages import Stage, exists, run_stage
+
+log = logging.getLogger(__name__)
+
+PROG = "dress-lightning experiment"
+RESULTS_FORMAT = "dress-shapeworld-experiment-v1"
+"""Version of the summary JSON's layout."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A model of the experiment: the configs it trains with and what it starts from."""
+
+    description: str
+    configs: tuple[str, ...]
+    starts_from: Literal["pretrain", "sft"] = "sft"
+    """``pretrain``: the shared projector (SFT itself); ``sft``: this seed's SFT model."""
+    reads_feedback: bool = False
+    """Trains on this seed's NLF shards (``data.init_args.nlf_shards``)."""
+
+
+ARMS: dict[str, Arm] = {
+    "sft": Arm("SFT", ("configs/sft.yaml", "configs/reproduce/sft.yaml"), starts_from="pretrain"),
+    "sft_control": Arm(
+        "SFT + as many steps as CRL (control)",
+        ("configs/sft.yaml", "configs/reproduce/sft.yaml", "configs/reproduce/sft_control.yaml"),
+    ),
+    "crl": Arm("CRL (score + critique condition, refinement data)",
+               ("configs/crl.yaml", "configs/reproduce/crl.yaml"), reads_feedback=True),
+    "crl_score_only": Arm(
+        "CRL ablation: score-only condition",
+        ("configs/crl.yaml", "configs/reproduce/crl.yaml", "configs/reproduce/crl_score_only.yaml"),
+        reads_feedback=True,
+    ),
+    "crl_no_refinement": Arm(
+        "CRL ablation: no refinement data",
+        ("configs/crl.yaml", "configs/reproduce/crl.yaml", "configs/reproduce/crl_no_refinement.yaml"),
+        reads_feedback=True,
+    ),
+}
+"""Every arm, in table order."""
+
+MAIN_ARMS = ("sft", "sft_control", "crl")
+COMMANDS = ("fit", "rollout", "evaluate")
+CONTROL, TREATMENT = "sft_control", "crl"
+
+EVAL_CONFIGS = {
+    "val": ("configs/eval.yaml", "configs/reproduce/eval_val.yaml"),
+    "test": ("configs/eval.yaml", "configs/reproduce/eval_test.yaml"),
+}
+"""The evaluation of each split: choices are made on val; test is reported once."""
+
+
+def _fit_plumbing(out: Path, seed: int, init_checkpoint: Path | None, nlf: Path | None) -> tuple[str, ...]:
+    """Overrides that put a training run in ``out`` with ``seed``, starting from ``init_checkpoint``."""
+    overrides = [
+        "--seed_everything", str(seed),
+        "--trainer.default_root_dir", str(out),
+        "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.callbacks.init_args.dirpath", str(out / "checkpoints"),
+    ]
+    if init_checkpoint is not None:
+        overrides += ["--model.init_args.init_checkpoint", str(init_checkpoint)]
+    if nlf is not None:
+        overrides += ["--data.init_args.nlf_shards", str(nlf)]
+    return tuple(overrides)
+
+
+def checkpoint(run: Path) -> Path:
+    """Where a training run of the experiment leaves its model."""
+    return run / "checkpoints" / "last.ckpt"
+
+
+def experiment_stages(
+    seeds: Sequence[int], arms: Sequence[str], split: Literal["val", "test"], run_dir: Path,
+    overlays: Mapping[str, Sequence[str]] | None = None,
+) -> list[Stage]:
+    """The stages of the experiment, in an order that runs each after its inputs.
+
+    ``overlays`` maps a command (``fit``, ``rollout``, ``evaluate``) to configs that go after each of its
+    stages' own (a smoke run: ``{"fit": ["configs/overlays/ci_tiny.yaml"], ...}``).
+    """
+    overlays = {command: tuple(paths) for command, paths in (overlays or {}).items()}
+    unknown = sorted(set(overlays) - set(COMMANDS))
+    if unknown:
+        raise ValueError(f"overlays for unknown command(s) {unknown}; valid: {', '.join(COMMANDS)}")
+    fit_overlays, rollout_overlays, eval_overlays = (overlays.get(command, ()) for command in COMMANDS)
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
+    arms = ["sft", *(arm for arm in ARMS if arm in arms and arm != "sft")]  # every arm needs its seed's SFT
+    pretrain = run_dir / "pretrain"
+    # The tower (runs/clip) is not listed: the first fit that reads it builds it, as the main job does.
+    stages = [
+        Stage("pretrain", "fit", ("configs/pretrain.yaml", "configs/reproduce/pretrain.yaml", *fit_overlays),
+              str(checkpoint(pretrain)), _fit_plumbing(pretrain, 0, None, None)),
+    ]
+    for seed in seeds:
+        root = run_dir / f"seed{seed}"
+        sft, nlf = root / "sft", root / "nlf"
+        for arm in arms:
+            spec = ARMS[arm]
+            start = checkpoint(pretrain if spec.starts_from == "pretrain" else sft)
+            out = root / arm
+            stages.append(Stage(f"{arm}/seed{seed}", "fit", (*spec.configs, *fit_overlays), str(checkpoint(out)),
+                                _fit_plumbing(out, seed, start, nlf if spec.reads_feedback else None)))
+            if arm == "sft" and any(ARMS[a].reads_feedback for a in arms):
+                stages.append(Stage(f"rollout/seed{seed}", "rollout",
+                                    ("configs/rollout.yaml", "configs/reproduce/rollout.yaml", *rollout_overlays),
+                                    str(nlf),
+                                    ("--checkpoint", str(checkpoint(sft)), "--out", str(nlf), "--seed", str(seed))))
+        for arm in arms:
+            out = root / "eval" / split / arm
+            stages.append(Stage(f"eval_{split}_{arm}/seed{seed}", "evaluate", (*EVAL_CONFIGS[split], *eval_overlays),
+                                str(out / "report.json"),
+                                ("--checkpoint", str(checkpoint(root / arm)), "--out", str(out), "--seed", str(seed))))
+    return stages
+
+
+def run_experiment(stages: Sequence[Stage], timings: Path) -> None:
+    """Run the stages whose output is missing, in order; each one's wall time goes to ``timings``."""
+    recorded = json.loads(timings.read_text()) if timings.is_file() else {}
+    for i, stage in enumerate(stages, 1):
+        if exists(stage.output):
+            log.warning("[%d/%d] %s: %s exists, skipped.", i, len(stages), stage.name, stage.output)
+            continue
+        log.warning("[%d/%d] %s: %s", i, len(stages), stage.name, stage.describe())
+        recorded[stage.name] = round(run_stage(stage), 1)
+        timings.parent.mkdir(parents=True, exist_ok=True)
+        timings.write_text(json.dumps(recorded, indent=2) + "\n")
+
+
+def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Path,
+              resamples: int = 2000) -> dict[str, Any]:
+    """The experiment's results: per arm the mean over seeds, per-seed values, intervals; paired comparisons."""
+    from dress_lightning.evaluation.intervals import HEADLINE, bootstrap, mean_over_seeds, ratio, read_tallies
+
+    tallies = {arm: [read_tallies(run_dir / f"seed{s}" / "eval" / split / arm) for s in seeds] for arm in arms}
+    results: dict[str, Any] = {}
+    for arm in arms:
+        per_seed = tallies[arm]
+        results[arm] = {
+            **{key: mean_over_seeds(per_seed, key) for key in HEADLINE},
+            "per_seed": [{key: ratio(list(t.values()), key) for key in HEADLINE} for t in per_seed],
+            "ci95": {key: bootstrap(per_seed, key, resamples=resamples) for key in HEADLINE},
+            "seeds": list(seeds),
+            "description": ARMS[arm].description,
+            "prompts": len(per_seed[0]),
+        }
+    comparisons = {}
+    for baseline in (CONTROL, TREATMENT):
+        if baseline not in tallies:
+            continue
+        for arm in arms:
+            if arm in (baseline, "sft") or (baseline == TREATMENT and arm == CONTROL):
+                continue
+            comparisons[f"{arm}_vs_{baseline}"] = {
+                key: {"diff": _difference(results[arm][key], results[baseline][key]),
+                      "ci95": bootstrap(tallies[arm], key, tallies[baseline], resamples=resamples)}
+                for key in HEADLINE
+            }
+    timings = run_dir / "timings.json"
+    return {
+        "format": RESULTS_FORMAT,
+        "split": split,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": platform.processor() or platform.machine(),
+        "run_dir": str(run_dir),
+        "arms": results,
+        "comparisons": comparisons,
+        "stage_seconds": json.loads(timings.read_text()) if timings.is_file() else {},
+    }
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The results table: mean over seeds [95% interval], in %; then the paired comparisons."""
+
+    def cell(value: float | None, interval: list[float] | tuple[float, float] | None, sign: bool = False) -> str:
+        if value is None:
+            return "n/a"
+        text = f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
+        return text + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
+
+    from dress_lightning.evaluation.intervals import HEADLINE
+
+    header = "| arm | seeds | " + " | ".join(HEADLINE) + " |\n|---|---|" + "---|" * len(HEADLINE) + "\n"
+    rows = "".join(
+        f"| {arm} | {len(r['seeds'])} | " + " | ".join(cell(r[k], r["ci95"][k]) for k in HEADLINE) + " |\n"
+        for arm, r in summary["arms"].items()
+    )
+    compared = "".join(
+        f"| {name} | | " + " | ".join(cell(c[k]["diff"], c[k]["ci95"], sign=True) for k in HEADLINE) + " |\n"
+        for name, c in summary["comparisons"].items()
+    )
+    return header + rows + (compared and "| **paired differences** | |" + " |" * len(HEADLINE) + "\n" + compared)
+
+
+def _overlay(text: str) -> tuple[str, str]:
+    command, sep, path = text.partition("=")
+    if not sep or command not in COMMANDS:
+        raise argparse.ArgumentTypeError(f"expected COMMAND=YAML with COMMAND one of {', '.join(COMMANDS)}, got {text!r}")
+    return command, path
+
+
+def main(argv: Sequence[str]) -> int:
+    """``experiment ...``: run the missing stages of the experiment, then write its results."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument("--arms", nargs="+", default=list(MAIN_ARMS), choices=list(ARMS),
+                        help=f"arms (default: {' '.join(MAIN_ARMS)}; sft is always trained)")
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="evaluation split: choose on val (default); report test once")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/repro"))
+    parser.add_argument("--overlay", action="append", default=[], metavar="COMMAND=YAML", type=_overlay,
+                        help="a config after those of every fit, rollout or evaluate stage, e.g. "
+                             "fit=configs/overlays/ci_tiny.yaml (repeatable)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the results here too (bench/results/shapeworld_reproduction.json for test)")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table here too")
+    parser.add_argument("--dry-run", action="store_true", help="print the stages and whether each is done")
+    args = parser.parse_args(list(argv))
+    overlays: dict[str, list[str]] = {}
+    for command, path in args.overlay:
+        overlays.setdefault(command, []).append(path)
+    stages = experiment_stages(args.seeds, args.arms, args.split, args.run_dir, overlays)
+    if args.dry_run:
+        for stage in stages:
+            print(f"{'done' if exists(stage.output) else 'todo'}  {stage.name}: {stage.describe()}")
+        return 0
+    start = time.perf_counter()
+    run_experiment(stages, args.run_dir / "timings.json")
+    arms = ["sft", *(arm for arm in ARMS if arm in args.arms and arm != "sft")]
+    summary = summarize(args.seeds, arms, args.split, args.run_dir)
+    summary["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
+    text = json.dumps(summary, indent=2) + "\n"
+    (args.run_dir / f"results_{args.split}.json").write_text(text)
+    table = markdown(summary)
+    print(table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    return 0

@@ -1,0 +1,90 @@
+"""The experiment command: its graph, a tiny real run of every stage (1 seed), and the summary it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dress_lightning.cli import main
+from dress_lightning.evaluation.intervals import HEADLINE, prompt_tallies, ratio, read_tallies
+from dress_lightning.experiment import experiment_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_graph_runs_each_stage_after_its_inputs():
+    stages = experiment_stages([0, 1], ["crl", "sft_control"], "val", Path("runs/x"))
+    names = [s.name for s in stages]
+    assert names.count("pretrain") == 1  # shared by the seeds
+    for seed in (0, 1):
+        order = [f"sft/seed{seed}", f"rollout/seed{seed}", f"crl/seed{seed}", f"eval_val_crl/seed{seed}"]
+        assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
+        crl = stages[names.index(f"crl/seed{seed}")]
+        # Each seed's CRL starts from that seed's SFT and trains on that seed's rollout, under that seed.
+        assert f"runs/x/seed{seed}/sft/checkpoints/last.ckpt" in crl.overrides
+        assert f"runs/x/seed{seed}/nlf" in crl.overrides
+        assert crl.overrides[crl.overrides.index("--seed_everything") + 1] == str(seed)
+    assert "crl_score_only/seed0" not in names
+    with pytest.raises(ValueError, match="unknown arm"):
+        experiment_stages([0], ["dpo_typo"], "val", Path("runs/x"))
+
+
+def _tiny_overlays(root: Path) -> list[str]:
+    fit = yaml.safe_load((ROOT / "configs/overlays/ci_tiny.yaml").read_text())
+    fit["trainer"]["max_steps"] = 2
+    fit["data"]["init_args"]["epoch_length"] = 32
+    rollout = {"batch_size": 2, "num_workers": 0, "samples": 4, "generation": {"max_new_tokens": 12},
+               "prompts_shapeworld": {"split": "train", "samples": 4, "seed": 1, "shard_size": 2}}
+    sets = yaml.safe_load((ROOT / "configs/reproduce/eval_val.yaml").read_text())["sets"]
+    for s in sets:
+        s["shapeworld"].update(samples=6, shard_size=3)
+    evaluate = {"sets": sets, "batch_size": 3, "num_workers": 0, "generation": {"max_new_tokens": 12}}
+    paths = []
+    for command, overlay in (("fit", fit), ("rollout", rollout), ("evaluate", evaluate)):
+        path = root / f"tiny_{command}.yaml"
+        path.write_text(yaml.safe_dump(overlay))
+        paths += ["--overlay", f"{command}={path}"]
+    return paths
+
+
+@pytest.mark.slow
+def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, capsys):
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results.json"
+    args = ["experiment", "--seeds", "3", "--arms", "crl", "sft_control", "--split", "val", "--json", str(out),
+            *_tiny_overlays(tmp_path)]
+    assert main(args) == 0
+    summary = json.loads(out.read_text())
+    assert list(summary["arms"]) == ["sft", "sft_control", "crl"]
+    crl = summary["arms"]["crl"]
+    assert crl["seeds"] == [3] and crl["prompts"] == 18  # 3 sets x 6 prompts
+    # The headline numbers are the pooled per-prompt tallies of the evaluation's responses.
+    tallies = read_tallies(Path("runs/repro/seed3/eval/val/crl"))
+    for key in HEADLINE:
+        assert crl[key] == ratio(list(tallies.values()), key)
+        assert crl["per_seed"][0][key] == crl[key]
+    # Per set, the tallies reproduce the report's TorchMetrics values exactly.
+    report = json.loads(Path("runs/repro/seed3/eval/val/crl/report.json").read_text())
+    where = {"helpfulness": ("helpfulness", "overall"), "chair_i": ("chair", "chair_i"),
+             "chair_s": ("chair", "chair_s"), "safety": ("safety", "safety"),
+             "improved_after_refinement": ("interaction", "improved_after_refinement")}
+    for name, results in report["sets"].items():
+        entries = Path(f"runs/repro/seed3/eval/val/crl/{name}/responses.jsonl").read_text().splitlines()
+        per_prompt = [prompt_tallies(json.loads(line)) for line in entries]
+        for key, (group, metric) in where.items():
+            expected = results["metrics"][group][metric]
+            got = ratio(per_prompt, key)
+            assert (got is None and expected is None) or got == pytest.approx(expected), (name, key)
+    assert set(summary["comparisons"]) == {"crl_vs_sft_control"}
+    assert set(summary["stage_seconds"]) >= {"pretrain", "sft/seed3", "rollout/seed3", "crl/seed3"}
+
+    # Run again: every stage is skipped (nothing retrained), the summary is rewritten.
+    checkpoint = Path("runs/repro/seed3/crl/checkpoints/last.ckpt")
+    before = checkpoint.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert checkpoint.stat().st_mtime_ns == before
