@@ -93,3 +93,18 @@ def test_the_default_graph_names_who_writes_what():
     assert producer("./runs/clip/tower.safetensors").name == "clip"
     assert producer("data/shards/nlf/shapeworld").name == "rollout"
     assert producer("runs/elsewhere/last.ckpt") is None
+
+
+def test_every_design_reference_names_a_section_of_docs_design_md():
+    """Docstrings cite docs/design.md s.N; each N is a section there."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    sections = set(re.findall(r"^## (\d+)\. ", (root / "docs/design.md").read_text(), re.M))
+    cited = {
+        (path.name, number)
+        for path in (root / "src").rglob("*.py")
+        for number in re.findall(r"design\.md`*\s+s\.(\d+)", path.read_text())
+    }
+    assert cited, "no docstring cites docs/design.md"
+    assert {number for _, number in cited} <= sections, sorted(cited)

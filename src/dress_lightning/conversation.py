@@ -8,7 +8,7 @@ template and the tokenizer disagree about where the response is; the sample is r
 :class:`ConversationFormatError` rather than trained on with a shifted mask (a known LLaVA failure).
 
 Each assistant turn may carry a *condition* (the feedback text ``C(f)`` of conditional RL, see
-``DESIGN.md`` s.4). It is rendered before the response it describes and never trained on.
+``docs/design.md`` s.4). It is rendered before the response it describes and never trained on.
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ class ConversationFormatter:
 
         ``condition`` is the feedback text the next response should be conditioned on. In a multi-turn
         chat every earlier assistant turn carries it too (the model keeps the target condition every
-        turn; DESIGN.md s.4).
+        turn; docs/design.md s.4).
         """
         if not conversation or conversation[-1]["role"] != "user":
             raise ConversationFormatError("A generation prompt must end with a user turn.")

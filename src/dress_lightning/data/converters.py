@@ -1,4 +1,4 @@
-"""Converters from released data formats (DESIGN.md s.3) to shard samples.
+"""Converters from released data formats (docs/design.md s.3) to shard samples.
 
 Each converter is an input reader plus one record-to-sample function; ``shards.write_samples``
 runs the shared loop (validate, write, count skips). Record-to-sample functions read fields

@@ -1,4 +1,4 @@
-"""Conditional-RL data (DESIGN.md s.4): NLF trajectories conditioned on their feedback, mixed with SFT data.
+"""Conditional-RL data (docs/design.md s.4): NLF trajectories conditioned on their feedback, mixed with SFT data.
 
 Every assistant turn gets a condition ``C(f)`` rendered from the feedback it received; SFT samples
 (ground truth, an ideal response) get the target condition ``C(f*)``. Which turns carry loss:

@@ -1,4 +1,4 @@
-"""ShapeWorld: a deterministic, fully annotated synthetic visual world (DESIGN.md s.6).
+"""ShapeWorld: a deterministic, fully annotated synthetic visual world (docs/design.md s.6).
 
 Each image holds 1-4 coloured shapes in distinct cells of a 3x3 grid. Every sample is a pure
 function of ``(split, seed, index)``: its random generator is seeded from a hash of all three,

@@ -1,4 +1,4 @@
-"""The judge interface (DESIGN.md s.5): critique and refinement NLF for one assistant response.
+"""The judge interface (docs/design.md s.5): critique and refinement NLF for one assistant response.
 
 A judge reads the sample's ``annotations``, the ``dialogue`` so far (schema turns ending with the
 user turn being answered; the first may hold the ``<image>`` placeholder) and the ``response``, and

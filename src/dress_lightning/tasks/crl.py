@@ -1,4 +1,4 @@
-"""DRESS stage 3: conditional RL on natural-language feedback (DESIGN.md s.4)."""
+"""DRESS stage 3: conditional RL on natural-language feedback (docs/design.md s.4)."""
 
 from __future__ import annotations
 
