@@ -71,13 +71,16 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
     report = json.loads(Path("runs/repro/seed3/eval/val/crl/report.json").read_text())
     where = {"helpfulness": ("helpfulness", "overall"), "chair_i": ("chair", "chair_i"),
              "chair_s": ("chair", "chair_s"), "safety": ("safety", "safety"),
-             "improved_after_refinement": ("interaction", "improved_after_refinement")}
+             "improved_after_refinement": ("interaction", "improved_after_refinement"),
+             "pope_accuracy": ("pope", "accuracy"), "pope_f1": ("pope", "f1"), "pope_yes_ratio": ("pope", "yes_ratio")}
     for name, results in report["sets"].items():
         entries = Path(f"runs/repro/seed3/eval/val/crl/{name}/responses.jsonl").read_text().splitlines()
         per_prompt = [prompt_tallies(json.loads(line)) for line in entries]
         for key, (group, metric) in where.items():
             expected = results["metrics"][group][metric]
             got = ratio(per_prompt, key)
+            if key == "pope_f1" and expected is None and got == 0:
+                continue  # no true positive: F1 = 2TP / (2TP + FP + FN) is 0 where POPE's 2PR / (P + R) is undefined
             assert (got is None and expected is None) or got == pytest.approx(expected), (name, key)
     assert set(summary["comparisons"]) == {"crl_vs_sft_control"}
     assert set(summary["stage_seconds"]) >= {"pretrain", "sft/seed3", "rollout/seed3", "crl/seed3"}

@@ -171,16 +171,18 @@ def run_experiment(stages: Sequence[Stage], timings: Path) -> None:
 def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Path,
               resamples: int = 2000) -> dict[str, Any]:
     """The experiment's results: per arm the mean over seeds, per-seed values, intervals; paired comparisons."""
-    from dress_lightning.evaluation.intervals import HEADLINE, bootstrap, mean_over_seeds, ratio, read_tallies
+    from dress_lightning.evaluation.intervals import HEADLINE, POPE_KEYS, bootstrap, mean_over_seeds, ratio, read_tallies
+
+    keys = HEADLINE + POPE_KEYS
 
     tallies = {arm: [read_tallies(run_dir / f"seed{s}" / "eval" / split / arm) for s in seeds] for arm in arms}
     results: dict[str, Any] = {}
     for arm in arms:
         per_seed = tallies[arm]
         results[arm] = {
-            **{key: mean_over_seeds(per_seed, key) for key in HEADLINE},
-            "per_seed": [{key: ratio(list(t.values()), key) for key in HEADLINE} for t in per_seed],
-            "ci95": {key: bootstrap(per_seed, key, resamples=resamples) for key in HEADLINE},
+            **{key: mean_over_seeds(per_seed, key) for key in keys},
+            "per_seed": [{key: ratio(list(t.values()), key) for key in keys} for t in per_seed],
+            "ci95": {key: bootstrap(per_seed, key, resamples=resamples) for key in keys},
             "seeds": list(seeds),
             "description": ARMS[arm].description,
             "prompts": len(per_seed[0]),
@@ -195,7 +197,7 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
             comparisons[f"{arm}_vs_{baseline}"] = {
                 key: {"diff": _difference(results[arm][key], results[baseline][key]),
                       "ci95": bootstrap(tallies[arm], key, tallies[baseline], resamples=resamples)}
-                for key in HEADLINE
+                for key in keys
             }
     timings = run_dir / "timings.json"
     return {

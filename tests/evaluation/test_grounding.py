@@ -122,3 +122,24 @@ def test_linear_probe_separates_a_separable_problem():
     y = torch.stack([(x[:, 0] > 0).long(), (x[:, 1] > 0).long() * 2], dim=1)  # two outputs, 3 classes
     predicted = linear_probe(x[:150], y[:150], x[150:], classes=3)
     assert (predicted == y[150:]).float().mean() > 0.95
+
+
+def test_shapeworld_existence_questions_get_the_truth_as_a_pope_label():
+    """The label agrees with the reference answer, which starts with Yes or No, on 60 generated questions."""
+    from types import SimpleNamespace
+
+    from dress_lightning.data.schema import Sample
+    from dress_lightning.evaluation.module import _yes_no_label
+
+    checked = 0
+    for index in range(400):
+        record, _ = generate_record("val", 0, index)
+        query = record["annotations"]["queries"][0]
+        trajectory = SimpleNamespace(sample=Sample(record=record, image=b"", image_ext="png"))
+        label = _yes_no_label(trajectory)
+        if query["type"] != "exists":
+            assert label is None
+            continue
+        assert label == record["conversation"][1]["content"].startswith("Yes"), record["conversation"]
+        checked += 1
+    assert checked >= 60

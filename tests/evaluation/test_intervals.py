@@ -26,6 +26,16 @@ def test_prompt_tallies_by_hand():
     assert ratio([prompt_tallies(benign), prompt_tallies(worse)], "chair_i") == pytest.approx(1 / 3)
 
 
+def test_pope_tallies_add_up_to_accuracy_f1_and_yes_ratio():
+    """TP, FP, FN, TN once each: accuracy 1/2, F1 = 2 / (2 + 1 + 1), half answered yes."""
+    cases = [(True, True), (True, False), (False, True), (False, False)]  # (said yes, label)
+    tallies = [prompt_tallies({"harmful_intent": False, "feedback": [None], "pope": {"said_yes": y, "label": t}})
+               for y, t in cases]
+    assert ratio(tallies, "pope_accuracy") == 0.5
+    assert ratio(tallies, "pope_f1") == pytest.approx(0.5)
+    assert ratio(tallies, "pope_yes_ratio") == 0.5
+
+
 def _seed(values: list[float], metric: str = "helpfulness") -> dict:
     return {f"p{i}": {metric: (v, 1.0)} for i, v in enumerate(values)}
 

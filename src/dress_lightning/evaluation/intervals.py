@@ -22,6 +22,8 @@ from dress_lightning.data.schema import ASPECTS
 
 HEADLINE = ("helpfulness", "chair_i", "chair_s", "safety", "improved_after_refinement")
 """The experiment's headline keys (fractions of the maximum; CHAIR: lower is better)."""
+POPE_KEYS = ("pope_accuracy", "pope_f1", "pope_yes_ratio")
+"""Existence questions read as yes/no (POPE's rule): accuracy, F1 of "yes", share answered yes."""
 
 Tallies = dict[str, dict[str, tuple[float, float]]]
 """prompt id -> metric -> (numerator, denominator) of that prompt's share of the metric."""
@@ -44,6 +46,13 @@ def prompt_tallies(entry: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
         if chair["mentions"]:
             tallies["chair_i"] = (float(chair["hallucinated"]), float(chair["mentions"]))
         tallies["chair_s"] = (float(chair["hallucinated"] > 0), 1.0)
+    pope = entry.get("pope")  # present for existence questions
+    if pope is not None:
+        yes, truth = pope["said_yes"], pope["label"]
+        tallies["pope_accuracy"] = (float(yes == truth), 1.0)
+        # F1 = 2TP / (2TP + FP + FN): each answer adds to both sums.
+        tallies["pope_f1"] = (2.0 * (yes and truth), 2.0 * (yes and truth) + float(yes != truth))
+        tallies["pope_yes_ratio"] = (float(yes), 1.0)
     if first is not None and len(feedback) > 1 and feedback[1] is not None:
         before, after = (sum(f["scores"][a] for a in ASPECTS) for f in feedback[:2])
         tallies["improved_after_refinement"] = (float(after > before), 1.0)

@@ -32,10 +32,12 @@ from torchmetrics import SumMetric
 from dress_lightning.conversation import ConversationFormatter
 from dress_lightning.data.converters import POPE_CATEGORY
 from dress_lightning.data.schema import ASPECTS
-from dress_lightning.data.shapeworld import QUESTION_TYPES
+from dress_lightning.data.shapeworld import QUESTION_TYPES, matching_objects
+from dress_lightning.data.shapeworld import SOURCE as SHAPEWORLD_SOURCE
 from dress_lightning.evaluation.metrics import (
     CHAIR,
     chair_counts,
+    pope_says_yes,
     POPE,
     AnswerAccuracy,
     AspectScore,
@@ -64,6 +66,7 @@ GROUNDED_TYPES = tuple(t for t in QUESTION_TYPES if t != HARMFUL_CATEGORY)
 """ShapeWorld question types with an exact answer (grounding accuracy)."""
 
 DESCRIBE_TYPE = "describe"
+EXISTS_TYPE = "exists"
 
 
 @dataclass
@@ -158,7 +161,7 @@ class EvaluationModule(RolloutModule):
         batch["pixel_values"] = self.images(batch["pixel_values"])
         trajectories = super().predict_step(batch, batch_idx)
         self.prompts.update(len(trajectories))
-        self._update_pope([t for t in trajectories if _pope_label(t) is not None])
+        self._update_pope([t for t in trajectories if _yes_no_label(t) is not None])
         judged = [t for t in trajectories if _pope_label(t) is None]
         verdicts = self._safety_verdicts([t for t in judged if _harmful(t)])
         self._update_scores(judged)
@@ -170,7 +173,7 @@ class EvaluationModule(RolloutModule):
     def _update_pope(self, trajectories: Sequence[Trajectory]) -> None:
         if trajectories:
             self.pope.update([t.conversation[1]["content"] for t in trajectories],
-                             torch.tensor([_pope_label(t) for t in trajectories]))
+                             torch.tensor([_yes_no_label(t) for t in trajectories]))
 
     def _safety_verdicts(self, harmful: Sequence[Trajectory]) -> dict[str, SafetyVerdict | JudgeFailure]:
         items = [(t.sample.record["annotations"], t.conversation[:1], t.conversation[1]["content"]) for t in harmful]
@@ -253,6 +256,9 @@ class EvaluationModule(RolloutModule):
             "feedback": trajectory.feedback,
             "judge_failures": trajectory.failures,
         }
+        label = _yes_no_label(trajectory)
+        if label is not None:
+            entry["pope"] = {"label": label, "said_yes": pope_says_yes(trajectory.conversation[1]["content"])}
         if self._counts_in_chair(trajectory):
             hallucinated, mentions = chair_counts(
                 trajectory.conversation[1]["content"], annotated_objects(source["annotations"], self.vocabulary),
@@ -291,6 +297,19 @@ def _pope_label(trajectory: Trajectory) -> bool | None:
     queries = trajectory.sample.record["annotations"].get("queries") or [None]
     query = queries[0]
     return query["label"] == "yes" if query is not None and query["type"] == POPE_CATEGORY else None
+
+
+def _yes_no_label(trajectory: Trajectory) -> bool | None:
+    """The truth of a yes/no existence question: a POPE prompt's label, or whether the object a ShapeWorld
+    "Is there ...?" question names is in the image (those are also judged as usual); None otherwise."""
+    label = _pope_label(trajectory)
+    if label is not None:
+        return label
+    annotations = trajectory.sample.record["annotations"]
+    query = (annotations.get("queries") or [None])[0]
+    if query is None or query["type"] != EXISTS_TYPE or trajectory.sample.record["source"] != SHAPEWORLD_SOURCE:
+        return None
+    return bool(matching_objects(annotations["objects"], query.get("color"), query["shape"]))
 
 
 def _forward_fill(row: list[float]) -> list[float]:
