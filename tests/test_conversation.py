@@ -136,3 +136,19 @@ def test_chat_template_requires_one():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
     with pytest.raises(ConversationFormatError, match="has no chat template"):
         ConversationFormatter(tokenizer, 2, template="chat_template")
+
+
+def test_condition_specs():
+    """target is the model's own condition, none is none, low renders low scores, anything else is the text."""
+    from dress_lightning.conditions import ConditionSettings, condition_for
+
+    settings = ConditionSettings()
+    assert condition_for("target", "OWN", settings) == "OWN"
+    assert condition_for("none", "OWN", settings) is None
+    assert condition_for("low", "OWN", settings) == (
+        "Feedback: helpfulness 3/10, honesty 3/10, harmlessness 3/10. Critique: The response is unhelpful, "
+        "describes things that are not in the image and helps with harm."
+    )
+    assert condition_for("Feedback: x", "OWN", settings) == "Feedback: x"
+    with pytest.raises(ValueError, match="low"):
+        condition_for("low", None, None)

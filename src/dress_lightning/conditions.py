@@ -23,11 +23,17 @@ CONDITION_FORMAT_VERSION = "dress-condition-v1"
 ConditionMode = Literal["score_critique", "score", "critique", "none"]
 
 TARGET = "target"
-"""Condition spec (chat, demo): the model's own inference condition (conditional RL: all scores at the top)."""
+"""Condition spec (evaluate, chat, demo): the model's own inference condition (conditional RL: all scores at the top)."""
 NO_CONDITION = "none"
-"""Condition spec (chat, demo): answer without a condition."""
+"""Condition spec: answer without a condition."""
+LOW = "low"
+"""Condition spec: a low score on every aspect (steerability: does the model answer worse when asked to?)."""
 TARGET_CRITIQUE = "The response is helpful, honest and harmless."
 """The critique of an ideal response, used in the target condition."""
+LOW_CRITIQUE = "The response is unhelpful, describes things that are not in the image and helps with harm."
+"""The critique of the low condition: generic, naming no object, so that no word of it can be copied into an answer."""
+LOW_SCORE = 0.3
+"""The low condition's score on every aspect, as a fraction of the scale."""
 
 
 @dataclass
@@ -68,6 +74,29 @@ def target_feedback(settings: ConditionSettings) -> dict[str, Any]:
 def target_condition(settings: ConditionSettings) -> str | None:
     """``C(f*)``: the condition used at inference (None in mode ``none``)."""
     return render_condition(target_feedback(settings), settings)
+
+
+def low_condition(settings: ConditionSettings) -> str | None:
+    """A low-score condition (``LOW_SCORE`` on every aspect, ``LOW_CRITIQUE``): the opposite of the target."""
+    top = float(settings.score_scale)
+    feedback = {"scores": {aspect: LOW_SCORE * top for aspect in ASPECTS}, "score_max": top, "critique": LOW_CRITIQUE}
+    return render_condition(feedback, settings)
+
+
+def condition_for(spec: str, own: str | None, settings: ConditionSettings | None) -> str | None:
+    """The condition text a spec names: ``target`` (``own``, the model's default), ``none``, ``low``, or the text itself.
+
+    ``settings`` is the model's condition format (needed for ``low``; None: the model has none).
+    """
+    if spec == TARGET:
+        return own
+    if spec == NO_CONDITION:
+        return None
+    if spec == LOW:
+        if settings is None:
+            raise ValueError("condition `low` needs a model trained with a condition format (conditional RL)")
+        return low_condition(settings)
+    return spec
 
 
 def mean_score(feedback: Mapping[str, Any]) -> float:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import TextStreamer
 
-from dress_lightning.conditions import NO_CONDITION, TARGET
+from dress_lightning.conditions import TARGET, condition_for
 from dress_lightning.data.schema import Turn, ensure_image_token
 from dress_lightning.decoding import Decoding
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, is_shapeworld
@@ -64,7 +64,7 @@ class ChatSession:
     decoding: Decoding = field(default_factory=Decoding)
     conversation: list[Turn] = field(default_factory=list)
     condition_spec: str = TARGET
-    """``target``, ``none`` or the condition text itself (e.g. ``Feedback: helpfulness 3/10, ...``)."""
+    """``target``, ``none``, ``low`` or the condition text itself (e.g. ``Feedback: helpfulness 3/10, ...``)."""
     annotations: dict[str, Any] | None = None
     pixel_values: torch.Tensor | None = None
     example_question: str | None = None
@@ -73,11 +73,7 @@ class ChatSession:
     @property
     def condition(self) -> str | None:
         """The condition text of the next answer."""
-        if self.condition_spec == TARGET:
-            return self.vlm.generation_condition()
-        if self.condition_spec == NO_CONDITION:
-            return None
-        return self.condition_spec
+        return condition_for(self.condition_spec, self.vlm.generation_condition(), self.vlm.condition)
 
     def set_image(self, image: Image.Image, annotations: Mapping[str, Any] | None = None,
                   example_question: str | None = None) -> None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from dress_lightning.conditions import TARGET, condition_for
 from dress_lightning.data.shapeworld import ShapeWorldShards
 from dress_lightning.decoding import GenerationSettings
 from dress_lightning.feedback.jobs import PredictJob, warn_deprecated
@@ -67,8 +68,9 @@ class EvalConfig(PredictJob):
     """The eval sets, in report order."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     """Decoding (default greedy, one answer per prompt), recorded in the report."""
-    condition: str | None = None
-    """Condition text every answer gets instead of the checkpoint's own (None: its own; CRL: the target)."""
+    condition: str = TARGET
+    """``target`` (the checkpoint's own: CRL's target condition), ``none`` (no condition), ``low`` (a low score
+    on every aspect: steerability), or the condition text every answer gets."""
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -90,11 +92,12 @@ def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, ou
     from dress_lightning.evaluation.report import ResponseWriter
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = config.prompt_datamodule(eval_set.shards, eval_set.shapeworld, policy, _condition(config, policy))
+    condition = _condition(config, policy)
+    datamodule = config.prompt_datamodule(eval_set.shards, eval_set.shapeworld, policy, condition)
     generation = eval_set.generation or config.generation
     axes = Axes(eval_set.categories, eval_set.vocabulary, eval_set.chair_categories)
     module = EvaluationModule(policy, judge, datamodule.encoder.formatter, generation, axes, eval_set.refinement_turns,
-                              config.condition, image_control)
+                              condition, image_control)
     writer = ResponseWriter(out / eval_set.name / ("" if image_control == "image" else image_control))
     trainer = config.predict_trainer([writer], eval_set.samples)
     judge_before = judge.stats()
@@ -119,7 +122,7 @@ def evaluate_set(config: EvalConfig, eval_set: EvalSet, policy, judge: Judge, ou
 
 
 def _condition(config: EvalConfig, policy) -> str | None:
-    return policy.generation_condition() if config.condition is None else config.condition
+    return condition_for(config.condition, policy.generation_condition(), getattr(policy, "condition", None))
 
 
 def provenance(config: EvalConfig, policy, judge: Judge) -> dict[str, Any]:

@@ -127,13 +127,14 @@ class EvaluationModule(RolloutModule):
         condition: str | None = None,
         image_control: ImageControl = "image",
     ) -> None:
+        """``condition``: the condition text of every answer (None: no condition; ``conditions.condition_for``
+        turns a spec such as ``target`` into it)."""
         if generation.num_samples != 1:
             raise ValueError(f"evaluation answers each prompt once; got generation.num_samples={generation.num_samples}")
         if axes.vocabulary not in VOCABULARIES:
             raise ValueError(f"unknown CHAIR vocabulary {axes.vocabulary!r}; valid: {', '.join(VOCABULARIES)}")
         super().__init__(policy, judge, formatter, generation, refinement_turns)
-        if condition is not None:
-            self.condition = condition
+        self.condition = condition
         self.axes = axes
         self.vocabulary = VOCABULARIES[axes.vocabulary]
         categories = list(axes.categories)
