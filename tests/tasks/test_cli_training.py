@@ -79,6 +79,8 @@ REPRODUCTION_STACKS = {
     "crl.yaml": ["fit", "configs/crl.yaml"],
     "crl_score_only.yaml": ["fit", "configs/crl.yaml", "configs/reproduce/crl.yaml"],
     "crl_no_refinement.yaml": ["fit", "configs/crl.yaml", "configs/reproduce/crl.yaml"],
+    "rft.yaml": ["fit", "configs/rft.yaml"],
+    "dpo.yaml": ["fit", "configs/dpo.yaml"],
 }
 
 
