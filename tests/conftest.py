@@ -54,7 +54,7 @@ def policy_checkpoint(tmp_path_factory):
     return tmp / "checkpoints" / "last.ckpt"
 
 
-def judged_feedback(score: float | None, refinement: str | None = None) -> dict[str, Any] | None:
+def _feedback_entry(score: float | None, refinement: str | None = None) -> dict[str, Any] | None:
     """A feedback entry with helpfulness and honesty at ``score`` /10 (None: the judge failed on the turn)."""
     if score is None:
         return None
@@ -71,6 +71,7 @@ def judged_nlf_shards(tmp_path_factory) -> Path:
     "There are shapes." 6/10 on odd ones. So selection and pairs always find data, unlike a rollout of a
     barely trained policy.
     """
+    from dress_lightning.data.schema import alternating_turns
     from dress_lightning.data.shapeworld import generate_sample
     from dress_lightning.data.shards import write_samples
     from dress_lightning.feedback.rollout import NLFShardWriter, Trajectory
@@ -83,12 +84,12 @@ def judged_nlf_shards(tmp_path_factory) -> Path:
         question, right = prompt.record["conversation"][0], prompt.record["conversation"][1]["content"]
         look_again = "Look at the image again."
         dialogues = [
-            ([right], [judged_feedback(10.0)]),
-            (["I see no shapes.", look_again, right], [judged_feedback(2.0, look_again), judged_feedback(10.0)]),
-            (["There are shapes."], [judged_feedback(None if p % 2 == 0 else 6.0)]),
+            ([right], [_feedback_entry(10.0)]),
+            (["I see no shapes.", look_again, right], [_feedback_entry(2.0, look_again), _feedback_entry(10.0)]),
+            (["There are shapes."], [_feedback_entry(None if p % 2 == 0 else 6.0)]),
         ]
         for index, (turns, feedback) in enumerate(dialogues):
-            conversation = [question] + [{"role": ("assistant", "user")[i % 2], "content": t} for i, t in enumerate(turns)]
+            conversation = alternating_turns([question["content"], *turns])
             trajectories.append(Trajectory(prompt, index, conversation, feedback))
     report = write_samples([(str(i), t) for i, t in enumerate(trajectories)], writer.to_sample, out, "rollout",
                            shard_size=6, tool="test")

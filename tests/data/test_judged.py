@@ -138,7 +138,8 @@ def formatter(tiny_tokenizer):
 
 
 def _labelled_text(formatter, input_ids, labels):
-    return formatter.tokenizer.decode([t for t, label in zip(input_ids.tolist(), labels.tolist()) if label != IGNORE_INDEX])
+    labelled = [token for token, label in zip(input_ids.tolist(), labels.tolist()) if label != IGNORE_INDEX]
+    return formatter.tokenizer.decode(labelled)
 
 
 def test_last_response_encoder_trains_on_the_kept_response_only(formatter):
@@ -154,7 +155,8 @@ def test_pair_batch_holds_chosen_rows_then_rejected_rows_of_the_same_prompt(form
     batch = encoder.collate([encoder(pairs[0]), encoder(pairs[2])])
     assert batch["input_ids"].shape[0] == batch["labels"].shape[0] == batch["pixel_values"].shape[0] == 4
     assert batch["ids"] == [pairs[0].record["id"], pairs[2].record["id"]] * 2
-    answers = [_labelled_text(formatter, ids, labels).strip() for ids, labels in zip(batch["input_ids"], batch["labels"])]
+    answers = [_labelled_text(formatter, ids, labels).strip()
+               for ids, labels in zip(batch["input_ids"], batch["labels"])]
     assert answers == ["A</s>", "F</s>", "B</s>", "E</s>"]
     for chosen, rejected in ((0, 2), (1, 3)):  # the same prompt tokens up to the answer
         start = int((batch["labels"][chosen] != IGNORE_INDEX).nonzero()[0])

@@ -101,7 +101,7 @@ def test_precomputed_reference_is_the_initial_model_and_survives_a_resume(judged
     initial.eval()
     with torch.no_grad():
         for batch in datamodule.pair_batches():
-            logps = initial.sequence_log_probs(initial.model, initial.model_inputs(batch), batch["labels"])  # (2B,)
+            logps = initial.answer_log_probs(initial.model, initial.model_inputs(batch), batch["labels"])  # (2B,)
             torch.testing.assert_close(table.lookup(batch["ids"][: len(logps) // 2]),
                                        torch.stack(logps.chunk(2), dim=1), rtol=1e-5, atol=1e-5)
 
@@ -118,7 +118,8 @@ def test_precomputed_reference_is_the_initial_model_and_survives_a_resume(judged
     del saved[REFERENCE_CHECKPOINT_KEY]
     torch.save(saved, tmp_path / "without.ckpt")
     with pytest.raises(RuntimeError, match="reference_logps: on_the_fly"):
-        _fit(DPOTask(), _datamodule(judged_nlf_shards, tmp_path), tmp_path, steps=4, ckpt_path=tmp_path / "without.ckpt")
+        _fit(DPOTask(), _datamodule(judged_nlf_shards, tmp_path), tmp_path, steps=4,
+             ckpt_path=tmp_path / "without.ckpt")
 
 
 def test_options_are_checked():

@@ -43,7 +43,7 @@ IDENTICAL = "identical responses"
 """Skip reason: two responses with the same text (scored apart by a noisy judge); counted per candidate pair."""
 
 _SCORE_TOLERANCE = 1e-9
-"""Score fractions such as 7/10 - 6/10 are not exact in floating point; a difference this close to the margin meets it."""
+"""Score fractions are inexact in floating point (0.7 - 0.6 < 0.1): a difference this close to the margin meets it."""
 
 
 @dataclass

@@ -51,7 +51,9 @@ class ResponseSelection:
                              f"got {self.min_score}.")
 
 
-def select_responses(groups: dict[str, list[Sample]], selection: ResponseSelection) -> tuple[list[Sample], SelectionReport]:
+def select_responses(
+    groups: dict[str, list[Sample]], selection: ResponseSelection
+) -> tuple[list[Sample], SelectionReport]:
     """The kept responses of each prompt's trajectories, each as a sample ending with it.
 
     Failed judgements are skipped and counted; the rest are ranked by score within their prompt.

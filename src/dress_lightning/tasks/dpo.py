@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 
 from dress_lightning.conversation import IGNORE_INDEX
@@ -53,14 +54,12 @@ class ReferenceTable:
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode that never trains: trainable weights are copied, frozen ones shared.
+    """A copy of ``model`` that never trains: trainable weights are copied, frozen ones shared.
 
     With LoRA that copies the adapters and the projector only; the frozen LM and vision tower exist once.
     """
     shared = {id(p): p for p in model.parameters() if not p.requires_grad}  # deepcopy's memo: reuse, do not copy
-    reference = copy.deepcopy(model, memo=shared)
-    reference.requires_grad_(False)
-    return reference.eval()
+    return copy.deepcopy(model, memo=shared).requires_grad_(False)
 
 
 @contextmanager
@@ -113,7 +112,9 @@ class DPOTask(SFTTask):
         if chosen_nll_weight < 0:
             raise ValueError(f"model.init_args.chosen_nll_weight must be >= 0, got {chosen_nll_weight}.")
         if reference_logps not in ("precomputed", "on_the_fly"):
-            raise ValueError(f"model.init_args.reference_logps must be precomputed or on_the_fly, got {reference_logps!r}.")
+            raise ValueError(
+                f"model.init_args.reference_logps must be precomputed or on_the_fly, got {reference_logps!r}."
+            )
         self.beta = beta
         self.chosen_nll_weight = chosen_nll_weight
         self.reference_logps = reference_logps
@@ -137,12 +138,6 @@ class DPOTask(SFTTask):
         if self.reference_logps == "on_the_fly" and fitting:
             self.reference = frozen_copy(self.model)
 
-    def train(self, mode: bool = True) -> DPOTask:
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()  # no dropout: it stands for the fixed initial model
-        return self
-
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, DPODataModule):
@@ -162,13 +157,13 @@ class DPOTask(SFTTask):
 
     @torch.no_grad()
     def precompute_reference(self, batches: Iterable[dict[str, Any]]) -> ReferenceTable:
-        """The log-probabilities of every pair in ``batches`` under the current model (the initial one, before step 1)."""
+        """Every pair's log-probabilities in ``batches`` under the current model (before step 1: the initial one)."""
         ids, logps = [], []
         with evaluating(self.model), self.trainer.precision_plugin.forward_context():
             for batch in batches:
-                batch = self.trainer.strategy.batch_to_device(batch)
+                batch = move_data_to_device(batch, self.device)
                 pairs = len(batch["ids"]) // 2
-                chosen, rejected = self.sequence_log_probs(self.model, self.model_inputs(batch), batch["labels"]).chunk(2)
+                chosen, rejected = self.answer_log_probs(self.model, self.model_inputs(batch), batch["labels"]).chunk(2)
                 ids += batch["ids"][:pairs]
                 logps.append(torch.stack([chosen, rejected], dim=1).float().cpu())  # (B, 2)
         return ReferenceTable(ids, torch.cat(logps))
@@ -176,8 +171,9 @@ class DPOTask(SFTTask):
     def reference_log_probs(self, batch: dict[str, Any], inputs: dict[str, Any]) -> torch.Tensor:
         """(B, 2) the reference's chosen and rejected log-probabilities of a pair batch."""
         if self.reference is not None:
-            with torch.no_grad():
-                logps = self.sequence_log_probs(self.reference, inputs, batch["labels"])  # (2B,)
+            # Eval mode only for the pass (no dropout): a reference left in eval mode makes Lightning warn at fit start.
+            with torch.no_grad(), evaluating(self.reference):
+                logps = self.answer_log_probs(self.reference, inputs, batch["labels"])  # (2B,)
             return torch.stack(logps.chunk(2), dim=1)
         if self.reference_table is None:
             raise RuntimeError("DPOTask has no reference: it is made when a Trainer fits the task (on_fit_start).")
@@ -187,7 +183,7 @@ class DPOTask(SFTTask):
     # -- the loss -------------------------------------------------------------------------------
 
     @staticmethod
-    def sequence_log_probs(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+    def answer_log_probs(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
         """(R,) each row's summed log-probability of its labelled (answer) tokens under ``model``."""
         positions = predicting_positions(labels)  # (R, T)
         logits = model(**inputs, logits_to_keep=positions).logits  # (M, V), or (R, T, V) for an LM without the mask
@@ -196,7 +192,7 @@ class DPOTask(SFTTask):
     def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs, labels = self.model_inputs(batch), batch["labels"]  # labels (2B, T): chosen rows, then rejected
         pairs = labels.shape[0] // 2
-        policy_chosen, policy_rejected = self.sequence_log_probs(self.model, inputs, labels).chunk(2)  # (B,) each
+        policy_chosen, policy_rejected = self.answer_log_probs(self.model, inputs, labels).chunk(2)  # (B,) each
         ref_chosen, ref_rejected = self.reference_log_probs(batch, inputs).unbind(1)  # (B,) each
         dpo = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta)
         loss = dpo.loss
@@ -216,7 +212,8 @@ class DPOTask(SFTTask):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # trainable tensors only: the reference copy is not among them
         if self.reference_table is not None:
-            checkpoint[REFERENCE_CHECKPOINT_KEY] = {"ids": self.reference_table.ids, "logps": self.reference_table.logps}
+            table = self.reference_table
+            checkpoint[REFERENCE_CHECKPOINT_KEY] = {"ids": table.ids, "logps": table.logps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(REFERENCE_CHECKPOINT_KEY)
