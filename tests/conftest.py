@@ -54,6 +54,49 @@ def policy_checkpoint(tmp_path_factory):
     return tmp / "checkpoints" / "last.ckpt"
 
 
+def _feedback_entry(score: float | None, refinement: str | None = None) -> dict[str, Any] | None:
+    """A feedback entry with helpfulness and honesty at ``score`` /10 (None: the judge failed on the turn)."""
+    if score is None:
+        return None
+    return {"scores": {"helpfulness": score, "honesty": score, "harmlessness": 10.0}, "score_max": 10.0,
+            "critique": f"Scored {score:g}.", "refinement": refinement, "judge": {"name": "test", "version": "1"}}
+
+
+@pytest.fixture(scope="session")
+def judged_nlf_shards(tmp_path_factory) -> Path:
+    """NLF shards in the rollout writer's format: 6 ShapeWorld prompts x 3 trajectories, scores set by hand.
+
+    Per prompt: trajectory 0 answers right (10/10); trajectory 1 answers "I see no shapes." (2/10), is told
+    to look again and then answers right (10/10); trajectory 2's judgement failed on even prompts and gave
+    "There are shapes." 6/10 on odd ones. So selection and pairs always find data, unlike a rollout of a
+    barely trained policy.
+    """
+    from dress_lightning.data.schema import alternating_turns
+    from dress_lightning.data.shapeworld import generate_sample
+    from dress_lightning.data.shards import write_samples
+    from dress_lightning.feedback.rollout import NLFShardWriter, Trajectory
+
+    out = tmp_path_factory.mktemp("judged-nlf")
+    writer = NLFShardWriter(out, provenance={"checkpoint": "test"})
+    trajectories = []
+    for p in range(6):
+        prompt = generate_sample("train", 0, p)
+        question, right = prompt.record["conversation"][0], prompt.record["conversation"][1]["content"]
+        look_again = "Look at the image again."
+        dialogues = [
+            ([right], [_feedback_entry(10.0)]),
+            (["I see no shapes.", look_again, right], [_feedback_entry(2.0, look_again), _feedback_entry(10.0)]),
+            (["There are shapes."], [_feedback_entry(None if p % 2 == 0 else 6.0)]),
+        ]
+        for index, (turns, feedback) in enumerate(dialogues):
+            conversation = alternating_turns([question["content"], *turns])
+            trajectories.append(Trajectory(prompt, index, conversation, feedback))
+    report = write_samples([(str(i), t) for i, t in enumerate(trajectories)], writer.to_sample, out, "rollout",
+                           shard_size=6, tool="test")
+    assert report.written == len(trajectories), report.skips.counts()
+    return out
+
+
 @dataclass
 class FakeOpenAIServer:
     """A scripted OpenAI-compatible server: each request takes the next action of ``script``.

@@ -75,6 +75,10 @@ ARMS: dict[str, Arm] = {
         ("configs/crl.yaml", "configs/reproduce/crl.yaml", "configs/reproduce/crl_no_refinement.yaml"),
         reads_feedback=True,
     ),
+    "rft": Arm("RFT: fine-tuning on the best judged samples (rejection sampling)",
+               ("configs/rft.yaml", "configs/reproduce/rft.yaml"), reads_feedback=True),
+    "dpo": Arm("DPO on pairs from the judged samples (reference: the SFT model)",
+               ("configs/dpo.yaml", "configs/reproduce/dpo.yaml"), reads_feedback=True),
 }
 """Every arm, in table order."""
 

@@ -199,8 +199,12 @@ class VisionLanguageTask(L.LightningModule):
             return masked_lm_loss(logits, labels)
         return selected_lm_loss(logits, labels, positions)
 
+    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss a training step minimises: ``compute_loss`` (objectives that train on other batches override it)."""
+        return self.compute_loss(batch)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
+        loss = self.training_loss(batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self._log_throughput(batch)
