@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dress_lightning.aspects import ASPECTS
 from dress_lightning.cli import main
 from dress_lightning.data.datamodule import ShardDataModule
-from dress_lightning.data.schema import ASPECTS
 from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dress_lightning.data.schema import ASPECTS, DEFAULT_SCORE_MAX, MAX_IMAGE_MB, Sample
+from dress_lightning.aspects import ASPECTS
+from dress_lightning.data.schema import DEFAULT_SCORE_MAX, MAX_IMAGE_MB, Sample
 from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, SPLITS
 
 PROG = "dress-lightning data"

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dress_lightning.aspects import ASPECTS
 from dress_lightning.atomic import atomic_write_text
 from dress_lightning.data.images import decode_image
 from dress_lightning.data.schema import (
-    ASPECTS,
     Feedback,
     MAX_IMAGE_MB,
     ImageExt,

@@ -31,7 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dress_lightning.data.schema import ASPECTS, ObjectAnnotation, Turn
+from dress_lightning.aspects import ASPECTS
+from dress_lightning.data.schema import ObjectAnnotation, Turn
 from dress_lightning.data.shapeworld import (
     COLORS,
     NUMBER_WORDS,

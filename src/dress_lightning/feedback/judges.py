@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
-from dress_lightning.data.schema import ASPECTS, Feedback, Turn
+from dress_lightning.aspects import ASPECTS
+from dress_lightning.data.schema import Feedback, Turn
 from dress_lightning.data.schema import Judge as JudgeRecord
 from dress_lightning.data.shapeworld import reference_answer
 from dress_lightning.special_tokens import IMAGE_TOKEN

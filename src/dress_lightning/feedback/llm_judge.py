@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 import httpx
 
-from dress_lightning.data.schema import ASPECTS, Turn
+from dress_lightning.aspects import ASPECTS
+from dress_lightning.data.schema import Turn
 from dress_lightning.data.shapeworld import POSITION_PHRASES
 from dress_lightning.feedback.cache import JudgeCache, prompt_hash
 from dress_lightning.feedback.judges import (
