@@ -448,7 +448,7 @@ def _shard_stats(samples: Iterable[Sample]) -> dict[str, Any]:
 def with_decodable_images(samples: Iterable[Sample], skips) -> Iterator[Sample]:
     """The samples whose image decodes (as training will decode it); the others are counted in ``skips``."""
     from dress_lightning.data.images import decode_image
-    from dress_lightning.data.shards import SkipRecord
+    from dress_lightning.data.skips import SkipRecord
 
     for sample in samples:
         try:
@@ -460,7 +460,8 @@ def with_decodable_images(samples: Iterable[Sample], skips) -> Iterator[Sample]:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples, missing_local_shards, progress_bar
+    from dress_lightning.data.shards import expand_shard_urls, iter_samples, missing_local_shards, progress_bar
+    from dress_lightning.data.skips import SkipLog
 
     urls = expand_shard_urls(args.sources)
     if not urls:

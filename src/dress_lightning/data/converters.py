@@ -32,7 +32,7 @@ from dress_lightning.data.schema import (
     build_record,
     ensure_image_token,
 )
-from dress_lightning.data.shards import SkipRecord
+from dress_lightning.data.skips import SkipRecord
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _PIL_FORMAT_EXT: dict[str, ImageExt] = {"JPEG": "jpg", "PNG": "png"}

@@ -19,7 +19,7 @@ from dress_lightning.conditions import ConditionSettings, mean_score, render_con
 from dress_lightning.conversation import ConversationFormatter
 from dress_lightning.data.datamodule import SampleEncoder, ShardDataModule, Source
 from dress_lightning.data.schema import Sample
-from dress_lightning.data.shards import SkipRecord
+from dress_lightning.data.skips import SkipRecord
 
 log = logging.getLogger(__name__)
 

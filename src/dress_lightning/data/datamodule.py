@@ -39,13 +39,8 @@ from dress_lightning.conversation import (
 )
 from dress_lightning.data.images import decode_image
 from dress_lightning.data.schema import Sample, SampleValidationError, decode_sample
-from dress_lightning.data.shards import (
-    SkipRecord,
-    expand_shard_urls,
-    holds_samples,
-    missing_local_shards,
-    write_shapeworld,
-)
+from dress_lightning.data.shards import expand_shard_urls, holds_samples, missing_local_shards, write_shapeworld
+from dress_lightning.data.skips import SkipRecord
 from dress_lightning.models.factory import VisionLanguageConfig, build_tokenizer
 from dress_lightning.models.vision import describe_vision_tower
 from dress_lightning.special_tokens import IMAGE_TOKEN

@@ -29,7 +29,8 @@ from dress_lightning.atomic import PARTIAL_SUFFIX, atomic_write_text, commit, cr
 from dress_lightning.conversation import FORMAT_VERSION, ConversationFormatter
 from dress_lightning.data.datamodule import left_pad
 from dress_lightning.data.schema import Sample, encode_sample, validate_sample
-from dress_lightning.data.shards import SHARD_MTIME, SHARD_SUFFIX, SkipLog, iter_samples
+from dress_lightning.data.shards import SHARD_MTIME, SHARD_SUFFIX, iter_samples
+from dress_lightning.data.skips import SkipLog
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, to_feedback
 from dress_lightning.tasks.base import GenerationSettings, VisionLanguageTask
 
