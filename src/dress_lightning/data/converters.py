@@ -22,7 +22,7 @@ from dress_lightning.data.schema import (
     Feedback,
     MAX_IMAGE_MB,
     ImageExt,
-    Judge,
+    JudgeInfo,
     ObjectAnnotation,
     Role,
     Sample,
@@ -50,7 +50,7 @@ NLF_ASPECT_BY_FILE_WORD = {
 NLF_CRITIQUE_KEYS = ("critique NLF", "critique_NLF")
 """The critique key is spelled both ways in the release."""
 
-NLF_JUDGE = Judge(name="gpt-4", version="DRESS LVLM_NLF release")
+NLF_JUDGE = JudgeInfo(name="gpt-4", version="DRESS LVLM_NLF release")
 
 VLSAFE_RESPONSE_KEYS = ("response", "answer", "safe_response", "reference", "output")
 """Keys under which a VLSafe alignment record may hold a reference safe response."""

@@ -48,8 +48,11 @@ class Turn(TypedDict):
     content: str
 
 
-class Judge(TypedDict):
-    """Who wrote a feedback entry; recorded because judge drift makes scores unreproducible."""
+class JudgeInfo(TypedDict):
+    """Which judge, at which version, wrote a feedback entry; recorded because judge drift makes scores unreproducible.
+
+    The record of a judge, not the judge itself (``feedback.judges.Judge``).
+    """
 
     name: str
     version: str
@@ -62,7 +65,7 @@ class Feedback(TypedDict):
     score_max: float
     critique: str
     refinement: str | None
-    judge: Judge
+    judge: JudgeInfo
 
 
 class ObjectAnnotation(TypedDict):
