@@ -29,8 +29,8 @@ from typing import Any, Literal
 import httpx
 
 from dress_lightning.aspects import ASPECTS
+from dress_lightning.data.phrases import annotated_name
 from dress_lightning.data.schema import Turn
-from dress_lightning.data.shapeworld import POSITION_PHRASES
 from dress_lightning.feedback.cache import JudgeCache, prompt_hash
 from dress_lightning.feedback.judges import (
     SCORE_MAX,
@@ -186,11 +186,7 @@ def render_context(annotations: Mapping[str, Any], dialogue: Sequence[Turn], res
     lines += [f"- {c}" for c in captions] or ["- (none)"]
     lines.append("Objects (boxes are [x0, y0, x1, y1] in pixels):")
     for obj in objects:
-        name = (
-            f"{obj['size']} {obj['color']} {obj['shape']} {POSITION_PHRASES[obj['position']]}"
-            if shapeworld
-            else obj["category"]
-        )
+        name = annotated_name(obj) if shapeworld else obj["category"]
         lines.append(f"- {name}, box [{', '.join(f'{v:g}' for v in obj['box'])}]")
     if not objects:
         lines.append("- (none annotated)")
