@@ -10,7 +10,7 @@ import pytest
 
 from dress_lightning.data.schema import validate_sample
 from dress_lightning.data.shapeworld import generate_record
-from dress_lightning.feedback.annotation_judge import AnnotationJudge, read_response
+from dress_lightning.feedback.annotation_judge import AnnotationJudge
 from dress_lightning.feedback.findings import FINDING_KINDS
 from dress_lightning.feedback.judges import SCORE_MAX, Critique, JudgeItem, SafetyVerdict, to_feedback
 
@@ -265,17 +265,6 @@ def test_feedback_entry_validates_in_a_record():
     validate_sample(record)
     assert record["feedback"][0]["judge"] == {"name": "annotation", "version": judge.version}
     assert judge.stats()["calls"] == len(items)
-
-
-def test_reading_mentions():
-    reading = read_response("There are two red circles: one at the top left and one in the center. No squares.")
-    summary = [(m.count, m.color, m.shape, m.position) for m in reading.mentions]
-    assert summary == [
-        (2, "red", "circle", None),
-        (None, "red", "circle", "top left"),
-        (None, "red", "circle", "center"),
-        (0, None, "square", None),
-    ]
 
 
 def test_annotation_judge_imports_no_torch_or_httpx():
