@@ -33,10 +33,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, report: str | Pat
     import open_clip
     from safetensors.torch import save_file
 
-    from dress_lightning import __version__
     from dress_lightning.conditions import CONDITION_FORMAT_VERSION, target_condition
     from dress_lightning.conversation import FORMAT_VERSION
     from dress_lightning.inference import load_task
+    from dress_lightning.version import __version__
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not is_export(out):

@@ -19,7 +19,6 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from dress_lightning import __version__
 from dress_lightning.data.phrases import (
     POSITION_PHRASES,
     count_phrase,
@@ -41,6 +40,7 @@ from dress_lightning.data.schema import (
     ensure_image_token,
 )
 from dress_lightning.special_tokens import IMAGE_TOKEN
+from dress_lightning.version import __version__
 
 SOURCE = "shapeworld"
 

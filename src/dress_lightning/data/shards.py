@@ -23,7 +23,6 @@ from braceexpand import braceexpand
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from dress_lightning import __version__
 from dress_lightning.atomic import PARTIAL_SUFFIX, atomic_write_text, commit
 from dress_lightning.data.schema import (
     SCHEMA_VERSION,
@@ -35,6 +34,7 @@ from dress_lightning.data.schema import (
 )
 from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, generate_sample
 from dress_lightning.data.skips import SkipLog, SkipRecord
+from dress_lightning.version import __version__
 
 SHARD_SUFFIX = ".tar"
 SHARD_MTIME = 0
