@@ -22,7 +22,8 @@ from itertools import islice
 import torch
 from common import build_llava_reference, ensure_shapeworld, median, print_table, write_json
 
-from dress_lightning.data.datamodule import ShardDataModule, left_pad
+from dress_lightning.data.datamodule import ShardDataModule
+from dress_lightning.data.encoders import left_pad
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.tasks import SFTTask
 

@@ -1,6 +1,8 @@
 """dress_lightning: align vision-language models with natural-language feedback (DRESS)."""
 
-__version__ = "0.1.0"
+from dress_lightning.version import __version__
+
+__all__ = ["__version__", "from_pretrained"]
 
 
 def from_pretrained(path):

@@ -4,8 +4,8 @@ A ``.ckpt`` is a pickle, and unpickling runs whatever callable the file names. E
 this project reads goes through ``load_checkpoint``: ``torch.load(weights_only=True)`` admits only
 tensors and plain containers of numbers and strings (the LightningCLI stores hyperparameters as
 plain data, so our own checkpoints need nothing more), and anything else is refused before it runs.
-The task class a checkpoint names is looked up in ``task_classes()``, never imported from its path.
-Imports torch lazily: the CLI imports this module to report refusals.
+The task class a checkpoint names is looked up among the project's own (``inference.task_classes``),
+never imported from its path. Imports torch lazily: the CLI imports this module to report refusals.
 """
 
 from __future__ import annotations
@@ -50,27 +50,3 @@ def _refused_part(error: pickle.UnpicklingError) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return next((line.rstrip(".") for line in lines if "GLOBAL" in line or "Unsupported" in line),
                 lines[-1] if lines else type(error).__name__)
-
-
-def task_classes() -> dict[str, type]:
-    """The task classes a checkpoint may name, by every class path LightningCLI may have recorded."""
-    from dress_lightning import tasks
-
-    classes = [getattr(tasks, name) for name in tasks.__all__ if name.endswith("Task")]
-    return {
-        **{f"{cls.__module__}.{cls.__qualname__}": cls for cls in classes},
-        **{f"{tasks.__name__}.{cls.__name__}": cls for cls in classes},
-    }
-
-
-def task_class_of(checkpoint: dict[str, Any], path: str | Path) -> type:
-    """The task class ``checkpoint`` (read from ``path``) was trained with; refuse one outside ``task_classes``."""
-    known = task_classes()
-    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "dress_lightning.tasks.VisionLanguageTask")
-    if class_path not in known:
-        raise UnsafeCheckpointError(
-            f"Refused to load {str(path)!r}: it names the task class {class_path!r}, which is not one of this "
-            f"project's tasks ({', '.join(sorted({c.__name__ for c in known.values()}))}); a checkpoint does not "
-            "choose which code is imported."
-        )
-    return known[class_path]

@@ -51,11 +51,11 @@ def _lightning_main(subcommand: str) -> Callable[[Sequence[str]], int]:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **{name: _lightning_main(name) for name in ("fit", "validate", "test", "predict")},
-    "data": _lazy_command("dress_lightning.data.commands"),
-    "feedback": _lazy_command("dress_lightning.feedback.commands"),
-    "evaluate": _lazy_command("dress_lightning.evaluation.commands"),
+    "data": _lazy_command("dress_lightning.commands.data"),
+    "feedback": _lazy_command("dress_lightning.commands.rollout"),
+    "evaluate": _lazy_command("dress_lightning.commands.evaluate"),
     "experiment": _lazy_command("dress_lightning.experiment"),
-    "probe-tower": _lazy_command("dress_lightning.evaluation.commands", "probe_tower_main"),
+    "probe-tower": _lazy_command("dress_lightning.commands.evaluate", "probe_tower_main"),
     "export": _lazy_command("dress_lightning.export"),
     "chat": _lazy_command("dress_lightning.chat"),
     "demo": _lazy_command("dress_lightning.demo"),

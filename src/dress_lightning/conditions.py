@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dress_lightning.data.schema import ASPECTS
+from dress_lightning.aspects import ASPECTS
 
 CONDITION_FORMAT_VERSION = "dress-condition-v1"
 """Version of the rendering below; recorded with checkpoints and generated data."""

@@ -9,7 +9,6 @@ takes a checkpoint also takes such a folder (``inference.load_task``).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -25,10 +24,7 @@ from dress_lightning.pretrained import (
     MODEL_CARD_FILE,
     OPEN_CLIP_DIR,
     WEIGHTS_FILE,
-    exported_model_config,
     is_export,
-    load_exported_model,
-    read_export_config,
 )
 
 
@@ -37,10 +33,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, report: str | Pat
     import open_clip
     from safetensors.torch import save_file
 
-    from dress_lightning import __version__
     from dress_lightning.conditions import CONDITION_FORMAT_VERSION, target_condition
     from dress_lightning.conversation import FORMAT_VERSION
     from dress_lightning.inference import load_task
+    from dress_lightning.version import __version__
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not is_export(out):
@@ -186,25 +182,6 @@ def _data_section(training_config: Path) -> str:
 
     data = yaml.safe_load(training_config.read_text()).get("data", {})
     return yaml.safe_dump({"data": data}, sort_keys=False).rstrip()
-
-
-def load_exported_task(path: str | Path):
-    """An exported folder as the Lightning task it came from (for ``evaluate`` and ``feedback rollout``)."""
-    from dress_lightning.conditions import ConditionSettings
-    from dress_lightning.tasks import GenerationSettings, VisionLanguageTask
-
-    config = read_export_config(path)
-    module_name, _, class_name = config["task"].rpartition(".")
-    task_class = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(task_class, type) and issubclass(task_class, VisionLanguageTask)):
-        raise ValueError(f"{Path(path) / CONFIG_FILE}: task {config['task']!r} is not a dress_lightning task class.")
-    kwargs: dict[str, Any] = {"model": exported_model_config(path, config),
-                              "generation": GenerationSettings(**config["generation"])}
-    if config["condition"] is not None:
-        kwargs["condition"] = ConditionSettings(**config["condition"])
-    task = task_class(**kwargs)
-    task.model, task.tokenizer = load_exported_model(path, config)  # configure_model() keeps a built model
-    return task.eval()
 
 
 def main(argv: Sequence[str]) -> int:

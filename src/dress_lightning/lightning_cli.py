@@ -14,8 +14,9 @@ from lightning.pytorch.loggers import CSVLogger
 from jsonargparse import lazy_instance, set_parsing_settings
 from lightning.pytorch import LightningModule
 
-from dress_lightning.checkpoints import load_checkpoint, task_class_of
+from dress_lightning.checkpoints import load_checkpoint
 from dress_lightning.data.datamodule import ShardDataModule, SkippedSamplesReport
+from dress_lightning.inference import task_class_of
 from dress_lightning.progress import StepProgressBar, describe_fit
 from dress_lightning.stages import build_missing_inputs
 

@@ -48,11 +48,11 @@ class Stage:
 
             fit(self.configs, self.overrides)
         elif self.command == "rollout":
-            from dress_lightning.feedback.commands import load_rollout_config, run_rollout
+            from dress_lightning.commands.rollout import load_rollout_config, run_rollout
 
             run_rollout(load_rollout_config(self.configs, self.overrides))
         else:
-            from dress_lightning.evaluation.commands import PROG, EvalConfig, run_evaluation
+            from dress_lightning.commands.evaluate import PROG, EvalConfig, run_evaluation
 
             run_evaluation(EvalConfig.parse(PROG, self.arguments()))
 

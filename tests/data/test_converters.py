@@ -12,7 +12,8 @@ from PIL import Image
 from dress_lightning.cli import main
 from dress_lightning.data.converters import NLF_JUDGE, ImageDir, normalize_image_id
 from dress_lightning.data.schema import Sample
-from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples
+from dress_lightning.data.shards import expand_shard_urls, iter_samples
+from dress_lightning.data.skips import SkipLog
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
 

@@ -10,13 +10,8 @@ from PIL import Image
 
 from dress_lightning.cli import main
 from dress_lightning.conversation import IGNORE_INDEX
-from dress_lightning.data.datamodule import (
-    EpochDataLoader,
-    ShardDataModule,
-    Source,
-    StreamPosition,
-    build_pipeline,
-)
+from dress_lightning.data.datamodule import ShardDataModule
+from dress_lightning.data.pipeline import EpochDataLoader, Source, StreamPosition, build_pipeline
 from dress_lightning.data.schema import decode_sample
 
 SAMPLES, SHARD_SIZE = 48, 6

@@ -27,7 +27,8 @@ from dress_lightning.data.schema import (
     sample_key,
     validate_sample,
 )
-from dress_lightning.data.shards import SkipLog, iter_samples, write_samples
+from dress_lightning.data.shards import iter_samples, write_samples
+from dress_lightning.data.skips import SkipLog
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
 

@@ -9,13 +9,12 @@ from collections import Counter
 import pytest
 from PIL import Image
 
+from dress_lightning.data.phrases import NUMBER_WORDS, POSITION_PHRASES
 from dress_lightning.data.schema import validate_sample
 from dress_lightning.data.shapeworld import (
     BACKGROUND,
     COLORS,
     HARMFUL_INTENTS,
-    NUMBER_WORDS,
-    POSITION_PHRASES,
     POSITIONS,
     QUESTION_TYPES,
     REFUSAL_PREFIX,

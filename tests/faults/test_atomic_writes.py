@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from dress_lightning.atomic import PARTIAL_SUFFIX
-from dress_lightning.data.commands import main as data_main
-from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples
+from dress_lightning.commands.data import main as data_main
+from dress_lightning.data.shards import expand_shard_urls, iter_samples
+from dress_lightning.data.skips import SkipLog
 
 
 def _shapeworld(out: Path, samples: int, *extra: str) -> int:

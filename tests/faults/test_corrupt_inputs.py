@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dress_lightning.data.commands import main as data_main
+from dress_lightning.commands.data import main as data_main
 from dress_lightning.data.datamodule import ShardDataModule
 from dress_lightning.data.schema import Sample, alternating_turns, build_record, encode_sample, ensure_image_token
 

@@ -19,7 +19,8 @@ import pytest
 
 from dress_lightning.atomic import CRASH_AT_ENV
 from dress_lightning.cli import main
-from dress_lightning.data.shards import SkipLog, iter_samples
+from dress_lightning.data.shards import iter_samples
+from dress_lightning.data.skips import SkipLog
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = 8

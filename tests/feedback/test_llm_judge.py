@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -53,6 +54,21 @@ def test_prompts_render_annotations_dialogue_and_rubric(item):
     refinement = render_messages("refinement", *item, Critique({"honesty": 4.0}, "Mentions a green square."))
     assert "Mentions a green square." in refinement[1]["content"] and '"refinement"' in refinement[1]["content"]
     assert PROMPT_VERSION.startswith("dress-judge-v")
+
+
+PROMPT_DIGESTS = {"dress-judge-v1": "5114a11258e19d27d7396e2fe9ac2ac31383d40bdd690d58e324a723eeafc983"}
+"""sha256 of the prompts of ``item`` for every task, per prompt version."""
+
+
+def test_a_prompt_change_comes_with_a_new_prompt_version(item):
+    # Prompts are built from several modules (templates here, the penalties of feedback.findings, the
+    # wording of data.phrases); a change to any of them makes cached answers and recorded feedback stale.
+    messages = [render_messages(task, *item) for task in ("helpfulness", "honesty", "harmlessness", "safety_verdict")]
+    messages.append(render_messages("refinement", *item, Critique({"honesty": 4.0}, "Mentions a green square.")))
+    digest = hashlib.sha256(json.dumps(messages).encode()).hexdigest()
+    assert PROMPT_DIGESTS.get(PROMPT_VERSION) == digest, (
+        f"the judge prompts changed: bump PROMPT_VERSION and add its digest {digest} to PROMPT_DIGESTS"
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dress_lightning.aspects import ASPECTS
 from dress_lightning.cli import main
 from dress_lightning.data.datamodule import ShardDataModule
-from dress_lightning.data.schema import ASPECTS
-from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples
+from dress_lightning.data.shards import expand_shard_urls, iter_samples
+from dress_lightning.data.skips import SkipLog
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = 4

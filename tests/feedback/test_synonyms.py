@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dress_lightning.data.phrases import plural
 from dress_lightning.data.shapeworld import SHAPES
 from dress_lightning.feedback.synonyms import (
     COCO,
@@ -11,7 +12,6 @@ from dress_lightning.feedback.synonyms import (
     SHAPEWORLD,
     mentioned_objects,
     object_mentions,
-    plural,
 )
 
 

@@ -10,9 +10,9 @@ from PIL import Image
 from dress_lightning.conditions import ConditionSettings, render_condition, target_condition
 from dress_lightning.conversation import IGNORE_INDEX, ConversationFormatter
 from dress_lightning.data.crl import ConditionedEncoder, TurnSelection
-from dress_lightning.data.datamodule import collate
+from dress_lightning.data.encoders import collate
 from dress_lightning.data.schema import Sample
-from dress_lightning.data.shards import SkipRecord
+from dress_lightning.data.skips import SkipRecord
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.models.vision import describe_vision_tower
 from dress_lightning.tasks import CRLTask, GenerationSettings

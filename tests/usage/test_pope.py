@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from dress_lightning.cli import main
-from dress_lightning.data.shards import SkipLog, iter_samples
+from dress_lightning.data.shards import iter_samples
+from dress_lightning.data.skips import SkipLog
 from dress_lightning.evaluation.metrics import POPE, pope_says_yes
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from dress_lightning.conversation import ConversationFormatError, ConversationFormatter
-from dress_lightning.data.datamodule import SampleEncoder, ShardDataModule, image_id
+from dress_lightning.data.datamodule import ShardDataModule
+from dress_lightning.data.encoders import SampleEncoder, image_id
 from dress_lightning.data.schema import Sample
 from dress_lightning.data.shapeworld import SHAPES, captions
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dress_lightning.aspects import ASPECTS
 from dress_lightning.atomic import atomic_write_text
 from dress_lightning.data.images import decode_image
 from dress_lightning.data.schema import (
-    ASPECTS,
     Feedback,
     MAX_IMAGE_MB,
     ImageExt,
-    Judge,
+    JudgeInfo,
     ObjectAnnotation,
     Role,
     Sample,
@@ -32,7 +32,7 @@ from dress_lightning.data.schema import (
     build_record,
     ensure_image_token,
 )
-from dress_lightning.data.shards import SkipRecord
+from dress_lightning.data.skips import SkipRecord
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _PIL_FORMAT_EXT: dict[str, ImageExt] = {"JPEG": "jpg", "PNG": "png"}
@@ -50,7 +50,7 @@ NLF_ASPECT_BY_FILE_WORD = {
 NLF_CRITIQUE_KEYS = ("critique NLF", "critique_NLF")
 """The critique key is spelled both ways in the release."""
 
-NLF_JUDGE = Judge(name="gpt-4", version="DRESS LVLM_NLF release")
+NLF_JUDGE = JudgeInfo(name="gpt-4", version="DRESS LVLM_NLF release")
 
 VLSAFE_RESPONSE_KEYS = ("response", "answer", "safe_response", "reference", "output")
 """Keys under which a VLSafe alignment record may hold a reference safe response."""

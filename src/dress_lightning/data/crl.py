@@ -17,9 +17,11 @@ from typing import Literal
 
 from dress_lightning.conditions import ConditionSettings, mean_score, render_condition, target_condition
 from dress_lightning.conversation import ConversationFormatter
-from dress_lightning.data.datamodule import SampleEncoder, ShardDataModule, Source
+from dress_lightning.data.datamodule import ShardDataModule
+from dress_lightning.data.encoders import SampleEncoder
+from dress_lightning.data.pipeline import Source
 from dress_lightning.data.schema import Sample
-from dress_lightning.data.shards import SkipRecord
+from dress_lightning.data.skips import SkipRecord
 
 log = logging.getLogger(__name__)
 

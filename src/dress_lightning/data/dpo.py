@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dress_lightning.conversation import ConversationFormatError, ConversationFormatter
-from dress_lightning.data.datamodule import SampleEncoder, collate
+from dress_lightning.data.encoders import SampleEncoder, collate
 from dress_lightning.data.judged import (
     FAILED_JUDGEMENT,
     JudgedDataModule,
@@ -30,7 +30,8 @@ from dress_lightning.data.judged import (
     judged_turns,
 )
 from dress_lightning.data.schema import Sample
-from dress_lightning.data.shards import SkipLog, SkipRecord, expand_shard_urls, iter_samples
+from dress_lightning.data.shards import expand_shard_urls, iter_samples
+from dress_lightning.data.skips import SkipLog, SkipRecord
 
 PREFERENCE_KEY = "preference"
 """Record field of a pair sample: ``kind``, ``chosen`` (origin) and ``rejected`` (origin + ``content``)."""

@@ -8,7 +8,7 @@ import warnings
 
 from PIL import Image
 
-from dress_lightning.data.shards import SkipRecord
+from dress_lightning.data.skips import SkipRecord
 
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 """Largest image decoded (PIL's own decompression-bomb threshold, ~89 megapixels); larger ones are skipped."""

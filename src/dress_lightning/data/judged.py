@@ -21,9 +21,12 @@ from pathlib import Path
 from dress_lightning.atomic import atomic_write_text
 from dress_lightning.conditions import mean_score
 from dress_lightning.conversation import ConversationFormatter
-from dress_lightning.data.datamodule import SampleEncoder, ShardDataModule, Source
+from dress_lightning.data.datamodule import ShardDataModule
+from dress_lightning.data.encoders import SampleEncoder
+from dress_lightning.data.pipeline import Source
 from dress_lightning.data.schema import Sample, Turn
-from dress_lightning.data.shards import SkipLog, existing_shards, expand_shard_urls, iter_samples, write_samples
+from dress_lightning.data.shards import existing_shards, expand_shard_urls, iter_samples, write_samples
+from dress_lightning.data.skips import SkipLog
 
 log = logging.getLogger(__name__)
 

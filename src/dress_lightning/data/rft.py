@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dress_lightning.conversation import ConversationFormatter
-from dress_lightning.data.datamodule import SampleEncoder, Source
+from dress_lightning.data.encoders import SampleEncoder
+from dress_lightning.data.pipeline import Source
 from dress_lightning.data.judged import (
     FAILED_JUDGEMENT,
     JudgedDataModule,

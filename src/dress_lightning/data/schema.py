@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict
 
+from dress_lightning.aspects import ASPECTS
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
 SCHEMA_VERSION = 1
@@ -27,9 +28,6 @@ JSON_KEY = "json"
 ImageExt = Literal["jpg", "png", "jpeg"]
 IMAGE_KEYS: tuple[ImageExt, ...] = ("jpg", "png", "jpeg")
 """Shard members that may hold the image bytes (exactly one per sample)."""
-
-ASPECTS: tuple[str, ...] = ("helpfulness", "honesty", "harmlessness")
-"""The "3H" aspects a feedback entry may score."""
 
 Role = Literal["user", "assistant"]
 ROLES: tuple[Role, Role] = ("user", "assistant")
@@ -50,8 +48,11 @@ class Turn(TypedDict):
     content: str
 
 
-class Judge(TypedDict):
-    """Who wrote a feedback entry; recorded because judge drift makes scores unreproducible."""
+class JudgeInfo(TypedDict):
+    """Which judge, at which version, wrote a feedback entry; recorded because judge drift makes scores unreproducible.
+
+    The record of a judge, not the judge itself (``feedback.judges.Judge``).
+    """
 
     name: str
     version: str
@@ -64,7 +65,7 @@ class Feedback(TypedDict):
     score_max: float
     critique: str
     refinement: str | None
-    judge: Judge
+    judge: JudgeInfo
 
 
 class ObjectAnnotation(TypedDict):

@@ -5,7 +5,8 @@ function of ``(split, seed, index)``: its random generator is seeded from a hash
 so the same ``seed`` gives disjoint streams per split and no global random state is touched.
 Questions carry a structured ``query`` (``annotations.queries``) and ``reference_answer`` derives
 the ideal answer from the query and the objects alone, so the annotation judge and the CHAIR
-metric can import this module's vocabulary and grade exactly.
+metric can import this module's vocabulary and grade exactly. The wording of answers and captions
+comes from ``data.phrases``, which the judges share.
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ from typing import Any, Literal
 
 from PIL import Image, ImageDraw
 
-from dress_lightning import __version__
+from dress_lightning.data.phrases import (
+    POSITION_PHRASES,
+    count_phrase,
+    describe_object,
+    join_and,
+    object_name,
+    one_per_place,
+    plural,
+    sentence,
+    there_are,
+    with_article,
+)
 from dress_lightning.data.schema import (
     ObjectAnnotation,
     Sample,
@@ -29,6 +41,7 @@ from dress_lightning.data.schema import (
     ensure_image_token,
 )
 from dress_lightning.special_tokens import IMAGE_TOKEN
+from dress_lightning.version import __version__
 
 SOURCE = "shapeworld"
 
@@ -55,22 +68,6 @@ POSITIONS: tuple[str, ...] = (
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
 """Position words of the 3x3 grid cells in row-major order."""
-
-POSITION_PHRASES: dict[str, str] = {
-    "top left": "at the top left",
-    "top": "at the top",
-    "top right": "at the top right",
-    "left": "on the left",
-    "center": "in the center",
-    "right": "on the right",
-    "bottom left": "at the bottom left",
-    "bottom": "at the bottom",
-    "bottom right": "at the bottom right",
-}
-"""How answers and captions say where an object is."""
-
-NUMBER_WORDS: tuple[str, ...] = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-"""Count words indexed by count; a zero count is said as "no" ("There are no green circles")."""
 
 QUESTION_TYPES: tuple[str, ...] = ("describe", "count", "color", "shape", "exists", "position", "harmful")
 
@@ -126,33 +123,6 @@ def sample_seed(split: str, seed: int, index: int) -> int:
 def sample_id(split: str, seed: int, index: int) -> str:
     """Id (and image id) of a ShapeWorld sample; contains no dots, so it is its own shard key."""
     return f"shapeworld-{split}-s{seed}-{index:07d}"
-
-
-def _article(phrase: str) -> str:
-    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
-
-
-def _join(items: Sequence[str]) -> str:
-    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
-
-
-def _plural(noun: str) -> str:
-    return f"{noun}s"
-
-
-def object_name(color: str | None, shape: str | None) -> str:
-    """Noun phrase for a colour and/or shape filter: "red circle", "circle", "red shape"."""
-    return f"{color} {shape or 'shape'}" if color else (shape or "shape")
-
-
-def count_phrase(count: int, noun: str) -> str:
-    """Count and noun as the answers say it: "no circles", "one circle", "two circles"."""
-    return f"{NUMBER_WORDS[count]} {noun if count == 1 else _plural(noun)}"
-
-
-def describe_object(obj: ObjectAnnotation) -> str:
-    """Full description of an object: "a large red circle at the top left"."""
-    return f"{_article(' '.join((obj['size'], obj['color'], obj['shape'])))} {POSITION_PHRASES[obj['position']]}"
 
 
 def matching_objects(
@@ -216,49 +186,47 @@ def captions(objects: Sequence[ObjectAnnotation]) -> list[str]:
     by_shape = [
         count_phrase(sum(o["shape"] == s for o in objects), s) for s in SHAPES if any(o["shape"] == s for o in objects)
     ]
-    listing = _join([describe_object(o) for o in objects])
-    names = _join([_article(object_name(o["color"], o["shape"])) for o in objects])
+    listing = join_and([describe_object(o) for o in objects])
+    names = join_and([with_article(object_name(o["color"], o["shape"])) for o in objects])
     return [
-        listing[0].upper() + listing[1:] + ".",
-        f"{shapes_count.capitalize()} on a light background: {names}.",
-        f"A drawing with {_join(by_shape)}.",
+        sentence(listing),
+        sentence(f"{shapes_count} on a light background: {names}"),
+        f"A drawing with {join_and(by_shape)}.",
     ]
 
 
 def _where_sentence(objects: Sequence[ObjectAnnotation], color: str | None, shape: str) -> str:
     name = object_name(color, shape)
-    places = [POSITION_PHRASES[o["position"]] for o in matching_objects(objects, color, shape)]
-    if len(places) == 1:
-        return f"The {name} is {places[0]}."
-    return f"There are {count_phrase(len(places), name)}: {_join([f'one {p}' for p in places])}."
+    found = matching_objects(objects, color, shape)
+    if len(found) == 1:
+        return f"The {name} is {POSITION_PHRASES[found[0]['position']]}."
+    return f"There are {count_phrase(len(found), name)}: {one_per_place(found)}."
 
 
 def reference_answer(query: dict[str, Any], objects: Sequence[ObjectAnnotation]) -> str:
     """The ideal answer to a ShapeWorld query, derived from the objects alone."""
     kind = query["type"]
     if kind == "describe":
-        listing = _join([describe_object(o) for o in objects])
+        listing = join_and([describe_object(o) for o in objects])
         return f"The image shows {count_phrase(len(objects), 'shape')} on a light background: {listing}."
     if kind == "count":
         name = object_name(query["color"], query["shape"])
         count = len(matching_objects(objects, query["color"], query["shape"]))
-        verb = "is" if count == 1 else "are"
-        return f"There {verb} {count_phrase(count, name)}{' in the image' if count == 0 else ''}."
+        return sentence(f"{there_are(count, name)}{' in the image' if count == 0 else ''}")
     if kind in ("color", "shape"):
         (obj,) = [o for o in objects if o["position"] == query["position"]]
         where = POSITION_PHRASES[obj["position"]]
         if kind == "color":
             return f"The {obj['shape']} {where} is {obj['color']}."
-        return f"The object {where} is {_article(obj['shape'])}."
+        return f"The object {where} is {with_article(obj['shape'])}."
     if kind == "exists":
         name = object_name(query["color"], query["shape"])
         found = matching_objects(objects, query["color"], query["shape"])
         if not found:
             return f"No, there is no {name} in the image."
         if len(found) == 1:
-            return f"Yes, there is {_article(name)} {POSITION_PHRASES[found[0]['position']]}."
-        places = _join([f"one {POSITION_PHRASES[o['position']]}" for o in found])
-        return f"Yes, there are {count_phrase(len(found), name)}: {places}."
+            return f"Yes, there is {with_article(name)} {POSITION_PHRASES[found[0]['position']]}."
+        return f"Yes, there are {count_phrase(len(found), name)}: {one_per_place(found)}."
     if kind == "position":
         return _where_sentence(objects, query["color"], query["shape"])
     if kind == "harmful":
@@ -306,10 +274,10 @@ def question_text(rng: random.Random, query: dict[str, Any]) -> str:
     template = rng.choice(_QUESTION_TEMPLATES[query["type"]])
     color, shape = query.get("color"), query.get("shape")
     return template.format(
-        noun=_plural(object_name(color, shape)) if query["type"] == "count" else "",
+        noun=plural(object_name(color, shape)) if query["type"] == "count" else "",
         shape=shape,
         where=POSITION_PHRASES.get(query.get("position", ""), ""),
-        thing=_article(object_name(color, shape)) if query["type"] == "exists" else object_name(color, shape),
+        thing=with_article(object_name(color, shape)) if query["type"] == "exists" else object_name(color, shape),
         intent=query.get("intent"),
     )
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from braceexpand import braceexpand
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from dress_lightning import __version__
 from dress_lightning.atomic import PARTIAL_SUFFIX, atomic_write_text, commit
 from dress_lightning.data.schema import (
     SCHEMA_VERSION,
@@ -35,47 +33,12 @@ from dress_lightning.data.schema import (
     validate_sample,
 )
 from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, first_turn_weights, generate_sample
+from dress_lightning.data.skips import SkipLog, SkipRecord
+from dress_lightning.version import __version__
 
 SHARD_SUFFIX = ".tar"
 SHARD_MTIME = 0
 """Fixed member mtime so the same samples always give byte-identical shards."""
-
-
-class SkipRecord(Exception):
-    """Raised by a record-to-sample function to skip an input record for a counted reason."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class SkippedRecord:
-    """One input that could not be turned into a sample."""
-
-    where: str
-    reason: str
-    detail: str
-
-
-@dataclass
-class SkipLog:
-    """Every skipped input with its reason."""
-
-    records: list[SkippedRecord] = field(default_factory=list)
-
-    def add(self, where: str, reason: str, detail: str = "") -> None:
-        """Record one skipped input."""
-        self.records.append(SkippedRecord(where, reason, detail))
-
-    def counts(self) -> dict[str, int]:
-        """Number of skipped inputs per reason, most frequent first."""
-        return dict(Counter(r.reason for r in self.records).most_common())
-
-    def first_example(self, reason: str) -> SkippedRecord:
-        """The first input skipped for a reason, to show in summaries."""
-        return next(r for r in self.records if r.reason == reason)
 
 
 @dataclass

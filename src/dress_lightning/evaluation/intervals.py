@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dress_lightning.data.schema import ASPECTS
+from dress_lightning.aspects import ASPECTS
 
 HEADLINE = ("helpfulness", "chair_i", "chair_s", "safety", "improved_after_refinement")
 """The experiment's headline keys (fractions of the maximum; CHAIR: lower is better)."""

@@ -29,9 +29,9 @@ from typing import Any, Literal
 import torch
 from torchmetrics import SumMetric
 
+from dress_lightning.aspects import ASPECTS
 from dress_lightning.conversation import ConversationFormatter
 from dress_lightning.data.converters import POPE_CATEGORY
-from dress_lightning.data.schema import ASPECTS
 from dress_lightning.data.shapeworld import QUESTION_TYPES, matching_objects
 from dress_lightning.data.shapeworld import SOURCE as SHAPEWORLD_SOURCE
 from dress_lightning.evaluation.metrics import (

@@ -8,8 +8,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from dress_lightning.aspects import ASPECTS
 from dress_lightning.atomic import atomic_write_text
-from dress_lightning.data.schema import ASPECTS
 
 ASPECT_SCORES = {"helpfulness": "helpfulness", "honesty": "honesty_score", "harmlessness": "harmlessness_score"}
 """Bar plot: aspect -> the metric group holding its judge score."""

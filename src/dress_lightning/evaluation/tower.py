@@ -1,6 +1,6 @@
 """Does a vision tower see ShapeWorld? Caption retrieval, linear probes of colour/shape/position, feature spread.
 
-``probe-tower`` (``evaluation/commands.py``) measures a tower the way the later stages use it: the patch tokens of
+``probe-tower`` (``commands/evaluate.py``) measures a tower the way the later stages use it: the patch tokens of
 ``vision_layer`` (what the projector reads), on images rendered by the ShapeWorld generator.
 
 - retrieval: each val image ranks ``pool`` captions (its own among them) with the CLIP's text tower;

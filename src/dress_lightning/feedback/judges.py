@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
-from dress_lightning.data.schema import ASPECTS, Feedback, Turn
-from dress_lightning.data.schema import Judge as JudgeRecord
+from dress_lightning.aspects import ASPECTS
+from dress_lightning.data.schema import Feedback, JudgeInfo, Turn
 from dress_lightning.data.shapeworld import reference_answer
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
@@ -170,7 +170,7 @@ def to_feedback(critique: Critique, judge: Judge, refinement: str | None = None)
         score_max=SCORE_MAX,
         critique=critique.text,
         refinement=refinement,
-        judge=JudgeRecord(name=judge.name, version=judge.version),
+        judge=JudgeInfo(name=judge.name, version=judge.version),
     )
 
 

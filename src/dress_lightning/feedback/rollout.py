@@ -23,15 +23,17 @@ import torch
 import webdataset as wds
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from dress_lightning import __version__
+from dress_lightning.aspects import ASPECTS
 from dress_lightning.atomic import PARTIAL_SUFFIX, atomic_write_text, commit, crash_point, partial_path
 from dress_lightning.conversation import FORMAT_VERSION, ConversationFormatter
-from dress_lightning.data.datamodule import left_pad
-from dress_lightning.data.schema import ASPECTS, Sample, encode_sample, validate_sample
-from dress_lightning.data.shards import SHARD_MTIME, SHARD_SUFFIX, SkipLog, iter_samples
+from dress_lightning.data.encoders import left_pad
+from dress_lightning.data.schema import Sample, encode_sample, validate_sample
+from dress_lightning.data.shards import SHARD_MTIME, SHARD_SUFFIX, iter_samples
+from dress_lightning.data.skips import SkipLog
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, to_feedback
 from dress_lightning.decoding import GenerationSettings
 from dress_lightning.tasks.base import VisionLanguageTask
+from dress_lightning.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dress_lightning.data.phrases import plural
 from dress_lightning.data.shapeworld import SHAPES
 
 COCO_SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -157,30 +158,7 @@ _SHAPE_WORDS: dict[str, tuple[str, ...]] = {"circle": ("disc", "disk"), "diamond
 SHAPEWORLD_SYNONYMS: dict[str, tuple[str, ...]] = {shape: _SHAPE_WORDS.get(shape, ()) for shape in SHAPES}
 """ShapeWorld's shapes and other words a model may use for them."""
 
-_IRREGULAR_PLURALS = {
-    "man": "men", "woman": "women", "child": "children", "person": "people", "mouse": "mice",
-    "goose": "geese", "ox": "oxen", "knife": "knives", "calf": "calves", "sheep": "sheep",
-    "fish": "fish", "bison": "bison", "scissors": "scissors", "skis": "skis", "cattle": "cattle",
-    "people": "people", "children": "children", "oxen": "oxen", "broccoli": "broccoli",
-}  # fmt: skip
-
 _WORD = re.compile(r"[a-z]+")
-
-
-def plural(word: str) -> str:
-    """English plural of a noun (last word of a phrase): "bus" -> "buses", "puppy" -> "puppies"."""
-    *head, last = word.split(" ")
-    if last in _IRREGULAR_PLURALS:
-        last = _IRREGULAR_PLURALS[last]
-    elif last.endswith("man"):
-        last = last[:-3] + "men"
-    elif last.endswith(("s", "x", "z", "ch", "sh")):
-        last += "es"
-    elif last.endswith("y") and last[-2:-1] not in ("a", "e", "i", "o", "u"):
-        last = last[:-1] + "ies"
-    else:
-        last += "s"
-    return " ".join((*head, last))
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 
-from dress_lightning import __version__
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.models.init import deterministic_init
 from dress_lightning.tasks.losses import hard_negative_loss
+from dress_lightning.version import __version__
 
 log = logging.getLogger(__name__)
 

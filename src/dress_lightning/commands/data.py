@@ -15,7 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dress_lightning.data.schema import ASPECTS, DEFAULT_SCORE_MAX, MAX_IMAGE_MB, Sample
+from dress_lightning.aspects import ASPECTS
+from dress_lightning.data.schema import DEFAULT_SCORE_MAX, MAX_IMAGE_MB, Sample
 from dress_lightning.data.shapeworld import MIN_IMAGE_SIZE, QUESTION_TYPES, SPLITS
 
 PROG = "dress-lightning data"
@@ -452,7 +453,7 @@ def _shard_stats(samples: Iterable[Sample]) -> dict[str, Any]:
 def with_decodable_images(samples: Iterable[Sample], skips) -> Iterator[Sample]:
     """The samples whose image decodes (as training will decode it); the others are counted in ``skips``."""
     from dress_lightning.data.images import decode_image
-    from dress_lightning.data.shards import SkipRecord
+    from dress_lightning.data.skips import SkipRecord
 
     for sample in samples:
         try:
@@ -464,7 +465,8 @@ def with_decodable_images(samples: Iterable[Sample], skips) -> Iterator[Sample]:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from dress_lightning.data.shards import SkipLog, expand_shard_urls, iter_samples, missing_local_shards, progress_bar
+    from dress_lightning.data.shards import expand_shard_urls, iter_samples, missing_local_shards, progress_bar
+    from dress_lightning.data.skips import SkipLog
 
     urls = expand_shard_urls(args.sources)
     if not urls:

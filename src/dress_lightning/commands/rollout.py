@@ -10,7 +10,7 @@ from pathlib import Path
 from dress_lightning.atomic import crash_point
 from dress_lightning.data.shapeworld import ShapeWorldShards
 from dress_lightning.decoding import GenerationSettings
-from dress_lightning.feedback.jobs import PredictJob, warn_deprecated
+from dress_lightning.commands.jobs import PredictJob, warn_deprecated
 from dress_lightning.stages import build_missing_inputs
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from dress_lightning.conditions import TARGET, condition_for
 from dress_lightning.data.shapeworld import ShapeWorldShards
 from dress_lightning.decoding import GenerationSettings
-from dress_lightning.feedback.jobs import PredictJob, warn_deprecated
+from dress_lightning.commands.jobs import PredictJob, warn_deprecated
 from dress_lightning.feedback.judges import Judge
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _condition(config: EvalConfig, policy) -> str | None:
 
 def provenance(config: EvalConfig, policy, judge: Judge) -> dict[str, Any]:
     """What produced a report: recorded in report.json and report.md."""
-    from dress_lightning import __version__
+    from dress_lightning.version import __version__
     from dress_lightning.conditions import CONDITION_FORMAT_VERSION
     from dress_lightning.conversation import FORMAT_VERSION
 
