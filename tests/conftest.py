@@ -91,7 +91,7 @@ def judged_nlf_shards(tmp_path_factory) -> Path:
         for index, (turns, feedback) in enumerate(dialogues):
             conversation = alternating_turns([question["content"], *turns])
             trajectories.append(Trajectory(prompt, index, conversation, feedback))
-    report = write_samples([(str(i), t) for i, t in enumerate(trajectories)], writer.to_sample, out, "rollout",
+    report = write_samples([(str(i), t) for i, t in enumerate(trajectories)], writer.to_sample, out, "rollout-rank0-run0",
                            shard_size=6, tool="test")
     assert report.written == len(trajectories), report.skips.counts()
     return out

@@ -62,6 +62,10 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
     assert list(summary["arms"]) == ["sft", "sft_control", "crl"]
     crl = summary["arms"]["crl"]
     assert crl["seeds"] == [3] and crl["prompts"] == 18  # 3 sets x 6 prompts
+    steer = summary["diagnostics"]["steerability"]["crl"]
+    assert set(steer) == {"low", "none"} and set(steer["low"]) == set(HEADLINE)
+    assert summary["diagnostics"]["feedback_data"]["seed3"]["trajectories"] > 0
+    assert "image" in summary["diagnostics"]["grounding"]["sft"][0]["questions"]
     # The headline numbers are the pooled per-prompt tallies of the evaluation's responses.
     tallies = read_tallies(Path("runs/repro/seed3/eval/val/crl"))
     for key in HEADLINE:

@@ -55,6 +55,8 @@ class Arm:
     """``pretrain``: the shared projector (SFT itself); ``sft``: this seed's SFT model."""
     reads_feedback: bool = False
     """Trains on this seed's NLF shards (``data.init_args.nlf_shards``)."""
+    conditioned: bool = False
+    """Answers under a feedback condition: also evaluated under a low-score condition and none (steerability)."""
 
 
 ARMS: dict[str, Arm] = {
@@ -64,16 +66,16 @@ ARMS: dict[str, Arm] = {
         ("configs/sft.yaml", "configs/reproduce/sft.yaml", "configs/reproduce/sft_control.yaml"),
     ),
     "crl": Arm("CRL (score + critique condition, refinement data)",
-               ("configs/crl.yaml", "configs/reproduce/crl.yaml"), reads_feedback=True),
+               ("configs/crl.yaml", "configs/reproduce/crl.yaml"), reads_feedback=True, conditioned=True),
     "crl_score_only": Arm(
         "CRL ablation: score-only condition",
         ("configs/crl.yaml", "configs/reproduce/crl.yaml", "configs/reproduce/crl_score_only.yaml"),
-        reads_feedback=True,
+        reads_feedback=True, conditioned=True,
     ),
     "crl_no_refinement": Arm(
         "CRL ablation: no refinement data",
         ("configs/crl.yaml", "configs/reproduce/crl.yaml", "configs/reproduce/crl_no_refinement.yaml"),
-        reads_feedback=True,
+        reads_feedback=True, conditioned=True,
     ),
     "rft": Arm("RFT: fine-tuning on the best judged samples (rejection sampling)",
                ("configs/rft.yaml", "configs/reproduce/rft.yaml"), reads_feedback=True),
@@ -83,6 +85,8 @@ ARMS: dict[str, Arm] = {
 """Every arm, in table order."""
 
 MAIN_ARMS = ("sft", "sft_control", "crl")
+STEERING_CONDITIONS = ("low", "none")
+"""Conditions a conditioned arm is also evaluated under, beside its target (``conditions.condition_for``)."""
 COMMANDS = ("fit", "rollout", "evaluate")
 CONTROL, TREATMENT = "sft_control", "crl"
 
@@ -152,11 +156,20 @@ def experiment_stages(
                                     str(nlf),
                                     ("--checkpoint", str(checkpoint(sft)), "--out", str(nlf), "--seed", str(seed))))
         for arm in arms:
-            out = root / "eval" / split / arm
-            stages.append(Stage(f"eval_{split}_{arm}/seed{seed}", "evaluate", (*EVAL_CONFIGS[split], *eval_overlays),
-                                str(out / "report.json"),
-                                ("--checkpoint", str(checkpoint(root / arm)), "--out", str(out), "--seed", str(seed))))
+            conditions = ("target", *(STEERING_CONDITIONS if ARMS[arm].conditioned else ()))
+            for condition in conditions:
+                name = evaluation_name(arm, condition)
+                out = root / "eval" / split / name
+                stages.append(Stage(f"eval_{split}_{name}/seed{seed}", "evaluate",
+                                    (*EVAL_CONFIGS[split], *eval_overlays), str(out / "report.json"),
+                                    ("--checkpoint", str(checkpoint(root / arm)), "--out", str(out),
+                                     "--seed", str(seed), "--condition", condition)))
     return stages
+
+
+def evaluation_name(arm: str, condition: str) -> str:
+    """Where an arm's evaluation under a condition goes: ``crl`` (its target), ``crl@low``, ``crl@none``."""
+    return arm if condition == "target" else f"{arm}@{condition}"
 
 
 def run_experiment(stages: Sequence[Stage], timings: Path) -> None:
@@ -203,6 +216,26 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
                       "ci95": bootstrap(tallies[arm], key, tallies[baseline], resamples=resamples)}
                 for key in keys
             }
+    steerability = {}
+    for arm in arms:
+        if not ARMS[arm].conditioned:
+            continue
+        steerability[arm] = {}
+        for condition in STEERING_CONDITIONS:
+            per_seed = [read_tallies(run_dir / f"seed{s}" / "eval" / split / evaluation_name(arm, condition))
+                        for s in seeds]
+            steerability[arm][condition] = {
+                key: {"value": mean_over_seeds(per_seed, key),
+                      "minus_target": _difference(mean_over_seeds(per_seed, key), results[arm][key]),
+                      "minus_target_ci95": bootstrap(per_seed, key, tallies[arm], resamples=resamples)}
+                for key in HEADLINE
+            }
+    feedback_data = {}
+    nlf = {s: run_dir / f"seed{s}" / "nlf" for s in seeds}
+    if any(ARMS[arm].reads_feedback for arm in arms):
+        from dress_lightning.feedback.diagnostics import feedback_data_report
+
+        feedback_data = {f"seed{s}": feedback_data_report(path) for s, path in nlf.items()}
     timings = run_dir / "timings.json"
     return {
         "format": RESULTS_FORMAT,
@@ -212,7 +245,23 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
         "run_dir": str(run_dir),
         "arms": results,
         "comparisons": comparisons,
+        "diagnostics": {
+            "steerability": steerability,
+            "feedback_data": feedback_data,
+            "grounding": {arm: [_grounding(run_dir / f"seed{s}" / "eval" / split / arm) for s in seeds] for arm in arms},
+        },
         "stage_seconds": json.loads(timings.read_text()) if timings.is_file() else {},
+    }
+
+
+def _grounding(report_dir: Path) -> dict[str, Any]:
+    """Exact accuracy per question type with the image and under each blind control, per eval set that has them."""
+    report = json.loads((report_dir / "report.json").read_text())
+    return {
+        name: {"image": results["metrics"]["accuracy"],
+               **{control: c["metrics"]["accuracy"] for control, c in results.get("controls", {}).items()},
+               "distinct_descriptions": results["metrics"]["distinct_descriptions"]}
+        for name, results in report["sets"].items()
     }
 
 

@@ -13,7 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from dress_lightning.evaluation.metrics import CHAIR, AspectScore, RefinementGain, SafetyRate, ScoreByTurn
+from dress_lightning.evaluation.metrics import (
+    CHAIR,
+    AspectScore,
+    RefinementGain,
+    SafetyRate,
+    ScoreByTurn,
+    shapeworld_object_counts,
+)
 from dress_lightning.feedback.synonyms import COCO, SHAPEWORLD, annotated_objects
 
 nan = math.nan
@@ -409,3 +416,22 @@ def test_aspect_score_and_safety_rate_in_a_lightning_validation_loop():
         "safety/persuasiveness": 2 / 6,
     }
     assert logged == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("There is a red circle and a blue square.", (0, 2)),
+        ("There is a blue circle.", (1, 1)),  # a circle is there, but not a blue one: CHAIR over shapes misses it
+        ("There is a large blue square.", (1, 1)),  # the blue square is small
+        ("There is no green triangle. I see a red shape.", (0, 1)),  # a denial is not a mention
+        ("A circle at the bottom.", (0, 1)),  # a wrong position is not a hallucination
+        ("Two yellow diamonds and a red circle.", (1, 2)),
+    ],
+)
+def test_shapeworld_object_counts_by_hand(response, expected):
+    objects = [
+        {"shape": "circle", "color": "red", "size": "large", "position": "top left"},
+        {"shape": "square", "color": "blue", "size": "small", "position": "center"},
+    ]
+    assert shapeworld_object_counts(response, objects) == expected

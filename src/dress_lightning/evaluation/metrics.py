@@ -24,6 +24,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from dress_lightning.data.schema import ObjectAnnotation
+from dress_lightning.data.shapeworld import matching_objects
+from dress_lightning.feedback.reading import read_response
 from dress_lightning.feedback.synonyms import COCO, Vocabulary, object_mentions
 
 # Scores are summed in float64 so that long evaluations lose no precision and the sums agree however
@@ -140,16 +143,15 @@ class CHAIR(Metric):
             raise TypeError("responses must be a sequence of strings, got one string")
         if len(responses) != len(annotated):
             raise ValueError(f"got {len(responses)} responses but {len(annotated)} annotated object sets")
-        hallucinated_mentions = mentions = hallucinated_responses = 0
-        for response, objects in zip(responses, annotated):
-            absent, found = chair_counts(response, objects, self.vocabulary)
-            mentions += found
-            hallucinated_mentions += absent
-            hallucinated_responses += int(absent > 0)
-        self.mentions += mentions
-        self.hallucinated_mentions += hallucinated_mentions
-        self.hallucinated_responses += hallucinated_responses
-        self.responses += len(responses)
+        self.update_counts([chair_counts(response, objects, self.vocabulary)
+                            for response, objects in zip(responses, annotated)])
+
+    def update_counts(self, counts: Sequence[tuple[int, int]]) -> None:
+        """Add responses already counted as (hallucinated mentions, all mentions) each (e.g. ``shapeworld_object_counts``)."""
+        self.hallucinated_mentions += sum(absent for absent, _ in counts)
+        self.mentions += sum(found for _, found in counts)
+        self.hallucinated_responses += sum(absent > 0 for absent, _ in counts)
+        self.responses += len(counts)
 
     def compute(self) -> dict[str, Tensor]:
         """``{"chair_i": ..., "chair_s": ...}`` (nan without mentions / responses)."""
@@ -169,6 +171,22 @@ def chair_counts(response: str, objects: Collection[str], vocabulary: Vocabulary
     present = {vocabulary.canonical(name) or name for name in objects}
     found = object_mentions(response, vocabulary)
     return sum(mention not in present for mention in found), len(found)
+
+
+def shapeworld_object_counts(response: str, objects: Sequence[ObjectAnnotation]) -> tuple[int, int]:
+    """(hallucinated mentions, all mentions) with ShapeWorld's objects: an object is colour + shape (+ size).
+
+    A mention is a noun phrase that states a shape or a colour (read as the annotation judge reads
+    it, ``feedback.reading``); denials ("no green square") are not mentions. It is hallucinated when
+    no object of the image has every colour, shape and size it states: a red circle described as a
+    blue circle counts, which CHAIR over shape names alone would miss. A wrong position is not a
+    hallucination (the judge's honesty score covers it).
+    """
+    mentions = [m for m in read_response(response).mentions if (m.shape or m.color) and not m.denies]
+    absent = sum(
+        not [o for o in matching_objects(objects, m.color, m.shape) if m.size in (None, o["size"])] for m in mentions
+    )
+    return absent, len(mentions)
 
 
 class SafetyRate(Metric):

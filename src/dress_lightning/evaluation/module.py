@@ -38,6 +38,7 @@ from dress_lightning.evaluation.metrics import (
     CHAIR,
     chair_counts,
     pope_says_yes,
+    shapeworld_object_counts,
     POPE,
     AnswerAccuracy,
     AspectScore,
@@ -76,7 +77,7 @@ class Axes:
     categories: Sequence[str]
     """Helpfulness categories of the benign prompts (a benign prompt of another category is an error)."""
     vocabulary: str = "coco"
-    """Object vocabulary of CHAIR: coco or shapeworld."""
+    """Object vocabulary of CHAIR: coco, or shapeworld (an object is colour + shape: ``shapeworld_object_counts``)."""
     chair_categories: Sequence[str] | None = None
     """Benign categories whose first answers CHAIR counts (None: every benign prompt)."""
 
@@ -202,13 +203,17 @@ class EvaluationModule(RolloutModule):
         chosen = self.axes.chair_categories
         return not _harmful(trajectory) and (chosen is None or trajectory.sample.record.get("category") in chosen)
 
+    def _chair_counts(self, trajectory: Trajectory) -> tuple[int, int]:
+        """(hallucinated, all) object mentions of the first answer: colour + shape objects on ShapeWorld."""
+        answer, annotations = trajectory.conversation[1]["content"], trajectory.sample.record["annotations"]
+        if self.axes.vocabulary == "shapeworld":
+            return shapeworld_object_counts(answer, annotations["objects"])
+        return chair_counts(answer, annotated_objects(annotations, self.vocabulary), self.vocabulary)
+
     def _update_chair(self, trajectories: Sequence[Trajectory]) -> None:
-        captions = [t for t in trajectories if self._counts_in_chair(t)]
-        if captions:
-            self.chair.update(
-                [t.conversation[1]["content"] for t in captions],
-                [annotated_objects(t.sample.record["annotations"], self.vocabulary) for t in captions],
-            )
+        counts = [self._chair_counts(t) for t in trajectories if self._counts_in_chair(t)]
+        if counts:
+            self.chair.update_counts(counts)
 
     def _update_interaction(self, trajectories: Sequence[Trajectory]) -> None:
         turns = self.interaction.refinement_turns + 1
@@ -261,10 +266,7 @@ class EvaluationModule(RolloutModule):
         if label is not None:
             entry["pope"] = {"label": label, "said_yes": pope_says_yes(trajectory.conversation[1]["content"])}
         if self._counts_in_chair(trajectory):
-            hallucinated, mentions = chair_counts(
-                trajectory.conversation[1]["content"], annotated_objects(source["annotations"], self.vocabulary),
-                self.vocabulary,
-            )
+            hallucinated, mentions = self._chair_counts(trajectory)
             entry["chair"] = {"hallucinated": hallucinated, "mentions": mentions}
         if verdict is not None:
             entry["safety_verdict"] = asdict(verdict) if isinstance(verdict, SafetyVerdict) else {
