@@ -44,6 +44,13 @@ class ConditionSettings:
     """``score_critique`` (DRESS), ``score`` (Quark / SteerLM-like), ``critique``, or ``none`` (plain SFT)."""
     score_scale: int = 10
     """Scores are shown as integers out of this (rescaled from the feedback's own ``score_max``)."""
+    dropout: float = 0.0
+    """Training only: the share of responses trained without their condition, so that one model also
+    answers unconditioned (what classifier-free guidance mixes in; Korbak et al. 2023 use a small share)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"condition.dropout is a share of training responses in [0, 1), got {self.dropout}")
 
 
 def render_condition(feedback: Mapping[str, Any] | None, settings: ConditionSettings) -> str | None:

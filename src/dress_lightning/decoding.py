@@ -22,6 +22,11 @@ class GenerationSettings:
     """Nucleus sampling mass when sampling."""
     num_samples: int = 1
     """Responses per prompt (rollouts sample several)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance (Sanchez et al. 2023): next-token logits ``l_u + g * (l_c - l_u)`` of the
+    conditioned prompt (``l_c``) and the same prompt under ``negative_condition`` (``l_u``); 1: plain decoding."""
+    negative_condition: str = "none"
+    """The condition of the guidance's second pass: ``none`` (no condition), ``low`` or the text itself."""
 
 
 @dataclass

@@ -134,3 +134,16 @@ def test_two_ranks_give_the_single_process_report(evaluated, tmp_path):
     ranks = [json.loads(line)["id"] for r in (0, 1)
              for line in (out / "shapeworld" / f"responses-rank{r}.jsonl").read_text().splitlines()]
     assert sorted(ranks) == sorted(r["id"] for r in _responses(evaluated.out, "shapeworld"))
+
+
+def test_guided_decoding_runs_through_first_answers_and_refinements(evaluated, tmp_path):
+    """Classifier-free guidance against a negative condition, in the batched evaluate loop (K = 2 refinements)."""
+    negative = "Feedback: helpfulness 1/10, honesty 1/10, harmlessness 1/10."
+    args = ["evaluate", "-c", str(ROOT / "configs/eval.yaml"), "-c", str(evaluated.config), "--out", str(tmp_path),
+            "--generation.guidance_scale", "3.0", "--generation.negative_condition", negative]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["provenance"]["generation"]["guidance_scale"] == 3.0
+    # Every prompt was answered, refinement turns included (the mix itself is checked in tests/models/test_vlm.py).
+    guided = [r["conversation"] for r in _responses(tmp_path, "shapeworld")]
+    assert len(guided) == evaluated.shapeworld_prompts and any(len(c) > 2 for c in guided)

@@ -169,3 +169,54 @@ def test_generate_matches_transformers_generate_with_rows_stopping_early(tiny_mo
                                                    attention_mask=batch.attention_mask, generation_config=config)
     assert ours.tolist() == reference.tolist()
     assert (ours == tiny_model.pad_token_id).any(), "some row must have stopped early"
+
+
+def _greedy_by_hand(model, prompts, pixel_values, steps, guidance_scale):
+    """Guided greedy decoding the slow way: full forwards of each prompt + the tokens so far, logits mixed."""
+    chosen = []
+    for _ in range(steps):
+        logits = []
+        for batch in prompts:
+            ids = torch.cat([batch.input_ids, torch.tensor([chosen] * len(batch.input_ids), dtype=torch.long)], 1)
+            mask = torch.cat([batch.attention_mask, torch.ones(len(ids), len(chosen), dtype=torch.long)], 1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model.language_model(inputs_embeds=model.embed(ids, pixel_values), attention_mask=mask,
+                                       position_ids=positions)
+            logits.append(out.logits[:, -1].float())
+        conditioned, negative = logits
+        chosen.append((negative + guidance_scale * (conditioned - negative)).argmax(-1).item())
+    return chosen
+
+
+@pytest.mark.parametrize("guidance_scale", [1.5, 3.0])
+def test_guidance_decodes_the_mix_of_two_logit_vectors(tiny_model, tiny_tokenizer, guidance_scale):
+    """Each token is the argmax of l_u + g (l_c - l_u) of the prompt and its negative (differing lengths)."""
+    _scramble_language_model(tiny_model)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    conditioned = _encode(tiny_tokenizer, tiny_model, ["Feedback: helpfulness 10/10. Where is the blue triangle?"])
+    negative = _encode(tiny_tokenizer, tiny_model, ["Where is the blue triangle?"])
+    ours = tiny_model.generate(conditioned.input_ids, conditioned.attention_mask, pixel_values, max_new_tokens=6,
+                               eos_token_id=[], negative_input_ids=negative.input_ids,
+                               negative_attention_mask=negative.attention_mask, guidance_scale=guidance_scale)
+    expected = _greedy_by_hand(tiny_model, [conditioned, negative], pixel_values, 6, guidance_scale)
+    assert ours[0].tolist() == expected
+    plain = tiny_model.generate(conditioned.input_ids, conditioned.attention_mask, pixel_values, max_new_tokens=6,
+                                eos_token_id=[])
+    assert ours[0].tolist() != plain[0].tolist(), "guidance should change this scrambled model's answer"
+
+
+def test_guidance_at_one_is_plain_decoding_with_rows_stopping_early(tiny_model, tiny_tokenizer):
+    _scramble_language_model(tiny_model)
+    torch.manual_seed(0)
+    pixel_values = torch.randn(len(PROMPTS), 3, 64, 64)
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS)
+    negative = _encode(tiny_tokenizer, tiny_model, [p.split()[0] for p in PROMPTS])
+    free = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10, eos_token_id=[])
+    stops = [free[0, 1].item(), free[2, 4].item()]
+    plain = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10,
+                                eos_token_id=stops)
+    guided = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10,
+                                 eos_token_id=stops, negative_input_ids=negative.input_ids,
+                                 negative_attention_mask=negative.attention_mask, guidance_scale=1.0)
+    assert guided.tolist() == plain.tolist()
+    assert (plain == tiny_model.pad_token_id).any(), "some row must have stopped early"

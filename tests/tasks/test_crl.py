@@ -119,6 +119,23 @@ def test_sft_samples_get_the_target_condition_on_every_turn(formatter):
     assert target_condition(ConditionSettings()) in text
 
 
+def test_condition_dropout_drops_the_configured_share(formatter):
+    """Dropout 0.3 over 2000 trajectories x 3 turns removes about 30% of the conditions, the same ones every time."""
+    encoder = ConditionedEncoder(formatter, None, ConditionSettings(dropout=0.3), TurnSelection(keep_refined="all"))
+    dropped = total = 0
+    for i in range(2000):
+        sample = Sample(record={**TRAJECTORY.record, "id": f"t{i}"}, image=b"", image_ext="png")
+        _, conditions, _ = encoder.select(sample)
+        assert conditions == encoder.select(sample)[1]  # deterministic: a resumed fit sees the same data
+        dropped += sum(c is None for c in conditions)
+        total += len(conditions)
+    assert abs(dropped / total - 0.3) < 0.02
+    keep_all = ConditionedEncoder(formatter, None, ConditionSettings(), TurnSelection(keep_refined="all"))
+    assert None not in keep_all.select(TRAJECTORY)[1]
+    with pytest.raises(ValueError, match="dropout"):
+        ConditionSettings(dropout=1.0)
+
+
 def test_trajectory_without_trainable_turn_is_skipped(formatter):
     spec = describe_vision_tower("dress-tiny-vit")
     encoder = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(), TurnSelection())

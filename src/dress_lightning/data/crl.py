@@ -11,6 +11,7 @@ Every assistant turn gets a condition ``C(f)`` rendered from the feedback it rec
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -60,13 +61,25 @@ class ConditionedEncoder(SampleEncoder):
         feedback = sample.record.get("feedback")
         if not feedback:
             # Ground truth is the ideal response: condition it on the target, train on every turn.
-            return conversation, [target_condition(self.condition)] * len(assistant_at), [True] * len(assistant_at)
+            conditions = [target_condition(self.condition)] * len(assistant_at)
+            return conversation, self._dropped(sample, conditions), [True] * len(assistant_at)
         keep = min(len(assistant_at), self.turns.max_turns if self.turns.refinement else 1)
         train = [self._trains(feedback, k) for k in range(keep)]
         if not any(train):
             raise SkipRecord("no trainable turn")
         conditions = [render_condition(f, self.condition) for f in feedback[:keep]]
-        return conversation[: assistant_at[keep - 1] + 1], conditions, train
+        return conversation[: assistant_at[keep - 1] + 1], self._dropped(sample, conditions), train
+
+    def _dropped(self, sample: Sample, conditions: list[str | None]) -> list[str | None]:
+        """Conditions with ``condition.dropout`` of them removed, each by a hash of (sample, turn).
+
+        A hash, not an RNG: the choice is the same in every loader worker and run, so a resumed fit
+        sees the same data.
+        """
+        if self.condition.dropout == 0:
+            return conditions
+        return [None if zlib.crc32(f"{sample.record['id']}/{k}".encode()) / 2**32 < self.condition.dropout else c
+                for k, c in enumerate(conditions)]
 
     def _trains(self, feedback: list[dict | None], k: int) -> bool:
         if feedback[k] is None:  # the judge failed on this turn: no condition to learn from

@@ -25,9 +25,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dress_lightning.aspects import ASPECTS
 from dress_lightning.atomic import PARTIAL_SUFFIX, atomic_write_text, commit, crash_point, partial_path
+from dress_lightning.conditions import condition_for
 from dress_lightning.conversation import FORMAT_VERSION, ConversationFormatter
 from dress_lightning.data.encoders import left_pad
-from dress_lightning.data.schema import Sample, encode_sample, validate_sample
+from dress_lightning.data.schema import Sample, Turn, encode_sample, validate_sample
 from dress_lightning.data.shards import SHARD_MTIME, SHARD_SUFFIX, iter_samples
 from dress_lightning.data.skips import SkipLog
 from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, to_feedback
@@ -75,6 +76,8 @@ class RolloutModule(L.LightningModule):
         self.refinement_turns = refinement_turns
         self.condition = policy.generation_condition()
         """Condition of refinement answers (the first answers' comes with the prompt batch): the policy's own."""
+        self.negative_condition = condition_for(generation.negative_condition, None, getattr(policy, "condition", None))
+        """The condition of classifier-free guidance's second pass (used when ``generation.guidance_scale`` != 1)."""
         self.stats: Counter = Counter()
 
     def _judge(self, trajectories: Sequence[Trajectory]) -> None:
@@ -121,11 +124,21 @@ class RolloutModule(L.LightningModule):
             "ids": [t.sample.record["id"] for t in trajectories],
             "stop_token_ids": self.formatter.stop_token_ids,
         }
+        self._add_negative_prompts(batch, [t.conversation for t in trajectories])
         one_each = GenerationSettings(**{**asdict(self.generation), "num_samples": 1})
         for trajectory, (response,) in zip(trajectories, self.policy.generate(batch, one_each)):
             trajectory.conversation.append({"role": "assistant", "content": response})
 
+    def _add_negative_prompts(self, batch: dict[str, Any], conversations: Sequence[Sequence[Turn]]) -> None:
+        """With guidance on, the batch's prompts again under the negative condition (classifier-free guidance)."""
+        if self.generation.guidance_scale == 1.0:
+            return
+        prompts = [self.formatter.encode_prompt(c, self.negative_condition) for c in conversations]
+        ids, mask = left_pad(prompts, self.formatter.tokenizer.pad_token_id)
+        batch["negative_input_ids"], batch["negative_attention_mask"] = ids.to(self.device), mask.to(self.device)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Trajectory]:
+        self._add_negative_prompts(batch, [s["record"]["conversation"][:1] for s in batch["samples"]])
         trajectories = []
         for fields, responses in zip(batch["samples"], self.policy.generate(batch, self.generation)):
             sample = Sample(**fields)

@@ -120,11 +120,19 @@ class VisionLanguageModel(nn.Module):
         top_p: float = 1.0,
         eos_token_id: int | list[int] | None = None,
         streamer=None,
+        negative_input_ids: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """Batched generation for left-padded prompts (B, T) with KV cache; returns new tokens (B, T_new).
 
         ``streamer`` (a ``transformers`` streamer such as ``TextStreamer``; batch size 1) receives each new
         token as it is chosen, for chat interfaces that print the answer while it is written.
+
+        Classifier-free guidance: with ``negative_input_ids`` (B, T') (the same prompts under another
+        condition, left-padded) each step decodes from ``l_u + guidance_scale * (l_c - l_u)``, the logits of
+        the prompt (``l_c``) and of its negative (``l_u``); both continue with the chosen token. The two
+        run as one batch of 2B rows (one forward per step), sharing the image features.
 
         Sequences that stop early are padded with ``pad_token_id``. A row that has stopped leaves the
         batch (and the KV cache), so later steps only compute the rows still generating: the cost of a
@@ -139,17 +147,29 @@ class VisionLanguageModel(nn.Module):
         stops = self.eos_token_id if eos_token_id is None else eos_token_id
         stops = torch.tensor([stops] if isinstance(stops, int) else list(stops), dtype=torch.long,
                              device=input_ids.device)
+        guided = negative_input_ids is not None
+        if guided:
+            if negative_attention_mask is None or negative_input_ids.shape[0] != input_ids.shape[0]:
+                raise ValueError("guidance needs negative_input_ids and negative_attention_mask, one row per prompt")
+            input_ids, attention_mask = _stack_left_padded(
+                (input_ids, attention_mask), (negative_input_ids, negative_attention_mask), self.pad_token_id
+            )  # (2B, T'')
+            pixel_values = None if pixel_values is None else torch.cat([pixel_values, pixel_values])
         lm = self.language_model
-        new_tokens = torch.full((input_ids.shape[0], max_new_tokens), self.pad_token_id, device=input_ids.device)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # batch row of each active sequence
+        batch = input_ids.shape[0] // 2 if guided else input_ids.shape[0]
+        new_tokens = torch.full((batch, max_new_tokens), self.pad_token_id, device=input_ids.device)
+        rows = torch.arange(batch, device=input_ids.device)  # batch row of each active sequence
         mask = attention_mask
         cache = DynamicCache(config=lm.config)
         # Left padding: positions count real tokens only (as transformers' generate does).
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = lm(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V)
+                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (b or 2b, V)
         steps = 0
         for step in range(max_new_tokens):
+            if guided:
+                conditioned, negative = logits.float().chunk(2)  # (b, V) each
+                logits = negative + guidance_scale * (conditioned - negative)
             tokens = _next_tokens(logits.float(), do_sample, temperature, top_p)  # (b,)
             new_tokens[rows, step] = tokens
             steps = step + 1
@@ -160,14 +180,33 @@ class VisionLanguageModel(nn.Module):
                 break
             if not going.all():
                 keep = going.nonzero().squeeze(1)
-                rows, tokens, mask = rows[keep], tokens[keep], mask[keep]
-                cache.batch_select_indices(keep)
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                rows, tokens = rows[keep], tokens[keep]
+                cache_rows = torch.cat([keep, keep + len(going)]) if guided else keep
+                mask = mask[cache_rows]
+                cache.batch_select_indices(cache_rows)
+            if guided:
+                tokens = torch.cat([tokens, tokens])
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                         past_key_values=cache, use_cache=True).logits[:, -1]
         if streamer is not None:
             streamer.end()
         return new_tokens[:, :steps]
+
+
+def _stack_left_padded(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two left-padded (ids, mask) batches as one: both padded on the left to the longer length, stacked."""
+    length = max(first[0].shape[1], second[0].shape[1])
+
+    def pad(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = length - ids.shape[1]
+        return (torch.nn.functional.pad(ids, (extra, 0), value=pad_token_id),
+                torch.nn.functional.pad(mask, (extra, 0), value=0))
+
+    (ids_a, mask_a), (ids_b, mask_b) = pad(*first), pad(*second)
+    return torch.cat([ids_a, ids_b]), torch.cat([mask_a, mask_b])
 
 
 def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:

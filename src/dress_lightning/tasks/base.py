@@ -239,9 +239,23 @@ class VisionLanguageTask(L.LightningModule):
         return None
 
     def generate(self, batch: dict[str, Any], settings: GenerationSettings | None = None) -> list[list[str]]:
-        """Responses for a left-padded prompt batch: ``settings.num_samples`` strings per prompt."""
+        """Responses for a left-padded prompt batch: ``settings.num_samples`` strings per prompt.
+
+        With ``settings.guidance_scale`` other than 1 the batch must carry ``negative_input_ids`` and
+        ``negative_attention_mask``: the same prompts under the negative condition (``RolloutModule`` adds them).
+        """
         settings = settings or self.generation
         n = settings.num_samples
+        guidance = {}
+        if settings.guidance_scale != 1.0:
+            if "negative_input_ids" not in batch:
+                raise ValueError(
+                    f"generation.guidance_scale={settings.guidance_scale} needs the prompts under the negative "
+                    "condition (batch['negative_input_ids']); generate through RolloutModule, or set guidance_scale: 1"
+                )
+            guidance = {"negative_input_ids": batch["negative_input_ids"].repeat_interleave(n, dim=0),
+                        "negative_attention_mask": batch["negative_attention_mask"].repeat_interleave(n, dim=0),
+                        "guidance_scale": settings.guidance_scale}
         tokens = self.model.generate(
             batch["input_ids"].repeat_interleave(n, dim=0),
             batch["attention_mask"].repeat_interleave(n, dim=0),
@@ -251,6 +265,7 @@ class VisionLanguageTask(L.LightningModule):
             temperature=settings.temperature,
             top_p=settings.top_p,
             eos_token_id=batch["stop_token_ids"],
+            **guidance,
         )  # (B * n, T_new)
         texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         return [texts[i * n : (i + 1) * n] for i in range(len(batch["ids"]))]
