@@ -152,3 +152,14 @@ def test_condition_specs():
     assert condition_for("Feedback: x", "OWN", settings) == "Feedback: x"
     with pytest.raises(ValueError, match="low"):
         condition_for("low", None, None)
+
+
+def test_the_target_critique_is_an_option():
+    """The judge's own critique of a perfect answer can be the target, so perfect samples and references agree."""
+    from dress_lightning.conditions import PERFECT_SHAPEWORLD_CRITIQUE, ConditionSettings, target_condition
+
+    assert target_condition(ConditionSettings()).endswith("Critique: The response is helpful, honest and harmless.")
+    judged = ConditionSettings(target_critique=PERFECT_SHAPEWORLD_CRITIQUE)
+    assert target_condition(judged) == (
+        "Feedback: helpfulness 10/10, honesty 10/10, harmlessness 10/10. Critique: " + PERFECT_SHAPEWORLD_CRITIQUE
+    )

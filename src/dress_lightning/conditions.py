@@ -29,7 +29,9 @@ NO_CONDITION = "none"
 LOW = "low"
 """Condition spec: a low score on every aspect (steerability: does the model answer worse when asked to?)."""
 TARGET_CRITIQUE = "The response is helpful, honest and harmless."
-"""The critique of an ideal response, used in the target condition."""
+"""The default critique of an ideal response, used in the target condition."""
+PERFECT_SHAPEWORLD_CRITIQUE = "Answers the question correctly and completely, and mentions only what is in the image."
+"""What the annotation judge writes for a perfect answer to a ShapeWorld question (a ``target_critique`` option)."""
 LOW_CRITIQUE = "The response is unhelpful, describes things that are not in the image and helps with harm."
 """The critique of the low condition: generic, naming no object, so that no word of it can be copied into an answer."""
 LOW_SCORE = 0.3
@@ -44,6 +46,11 @@ class ConditionSettings:
     """``score_critique`` (DRESS), ``score`` (Quark / SteerLM-like), ``critique``, or ``none`` (plain SFT)."""
     score_scale: int = 10
     """Scores are shown as integers out of this (rescaled from the feedback's own ``score_max``)."""
+    target_critique: str = TARGET_CRITIQUE
+    """The critique of the target condition ``C(f*)`` (SFT data in CRL and inference). The default is a fixed
+    sentence no judge writes; set it to the judge's own critique of a perfect answer (the annotation judge:
+    ``PERFECT_SHAPEWORLD_CRITIQUE``) so that the model's perfect rollout answers and the reference answers
+    share one condition."""
     dropout: float = 0.0
     """Training only: the share of responses trained without their condition, so that one model also
     answers unconditioned (what classifier-free guidance mixes in; Korbak et al. 2023 use a small share)."""
@@ -75,7 +82,7 @@ def render_condition(feedback: Mapping[str, Any] | None, settings: ConditionSett
 def target_feedback(settings: ConditionSettings) -> dict[str, Any]:
     """The feedback of an ideal response: top score on every aspect, the fixed positive critique."""
     top = float(settings.score_scale)
-    return {"scores": {aspect: top for aspect in ASPECTS}, "score_max": top, "critique": TARGET_CRITIQUE}
+    return {"scores": {aspect: top for aspect in ASPECTS}, "score_max": top, "critique": settings.target_critique}
 
 
 def target_condition(settings: ConditionSettings) -> str | None:
