@@ -20,9 +20,11 @@ from transformers import TextStreamer
 
 from dress_lightning.conditions import TARGET, condition_for
 from dress_lightning.data.schema import Turn, ensure_image_token
+from dress_lightning.data.shapeworld import is_shapeworld
 from dress_lightning.decoding import Decoding
-from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure, is_shapeworld
+from dress_lightning.feedback.judges import Critique, Judge, JudgeFailure
 from dress_lightning.pretrained import PretrainedVisionLanguageModel, from_pretrained
+
 
 def load_model(path: str | Path) -> PretrainedVisionLanguageModel:
     """A model to talk to, from an exported folder (no Lightning) or a Lightning checkpoint."""

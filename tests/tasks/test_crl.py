@@ -136,6 +136,27 @@ def test_condition_dropout_drops_the_configured_share(formatter):
         ConditionSettings(dropout=1.0)
 
 
+def test_refined_turns_can_be_trained_on_the_reference_answer(formatter):
+    """refinement_target=reference: a kept refined turn says the annotations' answer, under the target condition."""
+    from dress_lightning.data.shapeworld import generate_record
+
+    record = next(r for r, _ in (generate_record("train", 0, i) for i in range(50)) if r["category"] == "count")
+    question, reference = record["conversation"][0], record["conversation"][1]["content"]
+    conversation = [question, {"role": "assistant", "content": "There are nine circles."},
+                    {"role": "user", "content": "Count again."}, {"role": "assistant", "content": "Maybe eight."}]
+    sample = Sample(record={**record, "conversation": conversation,
+                            "feedback": [_feedback(2.0, "Wrong count.", "Count again."), _feedback(3.0, "Still wrong.")]},
+                    image=_image_bytes(), image_ext="png")
+    spec = describe_vision_tower("dress-tiny-vit")
+    own = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(), TurnSelection(keep_refined="all"))
+    assert _trained_responses(formatter, own, sample)[0] == ["There are nine circles.</s>", "Maybe eight.</s>"]
+    turns = TurnSelection(keep_refined="all", refinement_target="reference")
+    encoder = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(), turns)
+    trained, text = _trained_responses(formatter, encoder, sample)
+    assert trained == ["There are nine circles.</s>", f"{reference}</s>"]
+    assert text.count(target_condition(ConditionSettings())) == 1  # the refined turn; the first keeps its feedback
+
+
 def test_trajectory_without_trainable_turn_is_skipped(formatter):
     spec = describe_vision_tower("dress-tiny-vit")
     encoder = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(), TurnSelection())

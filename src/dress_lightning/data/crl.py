@@ -22,6 +22,7 @@ from dress_lightning.data.datamodule import ShardDataModule
 from dress_lightning.data.encoders import SampleEncoder
 from dress_lightning.data.pipeline import Source
 from dress_lightning.data.schema import Sample
+from dress_lightning.data.shapeworld import reference_for_turn
 from dress_lightning.data.skips import SkipRecord
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class TurnSelection:
     """``improved``: a refined turn carries loss only if its mean score beat the previous turn's."""
     score_threshold: float | None = None
     """With ``improved``: a refined turn reaching this mean score fraction (0-1) is kept as well."""
+    refinement_target: Literal["own", "reference"] = "own"
+    """What a kept refined turn is trained to say: the model's own improved answer (DRESS), or the reference
+    answer where the annotations determine one (ShapeWorld), under the target condition (it is ideal)."""
 
 
 class ConditionedEncoder(SampleEncoder):
@@ -68,7 +72,15 @@ class ConditionedEncoder(SampleEncoder):
         if not any(train):
             raise SkipRecord("no trainable turn")
         conditions = [render_condition(f, self.condition) for f in feedback[:keep]]
-        return conversation[: assistant_at[keep - 1] + 1], self._dropped(sample, conditions), train
+        conversation = conversation[: assistant_at[keep - 1] + 1]
+        if self.turns.refinement_target == "reference":
+            conversation = [dict(turn) for turn in conversation]
+            for k in range(1, keep):
+                reference = reference_for_turn(sample.record["annotations"], conversation[: assistant_at[k]])
+                if train[k] and reference is not None:
+                    conversation[assistant_at[k]]["content"] = reference
+                    conditions[k] = target_condition(self.condition)
+        return conversation, self._dropped(sample, conditions), train
 
     def _dropped(self, sample: Sample, conditions: list[str | None]) -> list[str | None]:
         """Conditions with ``condition.dropout`` of them removed, each by a hash of (sample, turn).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -280,6 +280,34 @@ def question_text(rng: random.Random, query: dict[str, Any]) -> str:
         thing=with_article(object_name(color, shape)) if query["type"] == "exists" else object_name(color, shape),
         intent=query.get("intent"),
     )
+
+
+_SHAPEWORLD_ATTRIBUTES = ("shape", "color", "size", "position")
+
+
+def query_for_turn(annotations: Mapping[str, Any], dialogue: Sequence[Turn]) -> dict[str, Any] | None:
+    """The structured query of the user turn answered (the last of ``dialogue``), else the first query.
+
+    Entry ``i`` of ``annotations["queries"]`` describes user turn ``i``; a later user turn without
+    one (a refinement NLF turn) still asks about the first question, so it falls back to entry 0.
+    """
+    queries = annotations.get("queries") or []
+    index = sum(turn["role"] == "user" for turn in dialogue) - 1
+    if 0 <= index < len(queries) and queries[index] is not None:
+        return queries[index]
+    return queries[0] if queries else None
+
+
+def is_shapeworld(objects: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the objects carry ShapeWorld's full attributes (shape, colour, size, position)."""
+    return bool(objects) and all(all(key in obj for key in _SHAPEWORLD_ATTRIBUTES) for obj in objects)
+
+
+def reference_for_turn(annotations: Mapping[str, Any], dialogue: Sequence[Turn]) -> str | None:
+    """The ideal answer to the user turn answered, when the annotations determine one (ShapeWorld)."""
+    query = query_for_turn(annotations, dialogue)
+    objects = annotations.get("objects", [])
+    return reference_answer(query, objects) if query is not None and is_shapeworld(objects) else None
 
 
 def first_turn_weights(

@@ -30,9 +30,13 @@ from dress_lightning.data.phrases import (
     with_article,
 )
 from dress_lightning.data.schema import ObjectAnnotation, Turn
-from dress_lightning.data.shapeworld import matching_objects
+from dress_lightning.data.shapeworld import (
+    is_shapeworld,
+    matching_objects,
+    query_for_turn,
+)
 from dress_lightning.feedback.findings import FINDING_KINDS, Finding, aspect_scores
-from dress_lightning.feedback.judges import Critique, Judge, SafetyVerdict, is_shapeworld, query_for_turn
+from dress_lightning.feedback.judges import Critique, Judge, SafetyVerdict
 from dress_lightning.feedback.reading import (
     Mention,
     Reading,

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple, TypeVar
 
 from dress_lightning.aspects import ASPECTS
 from dress_lightning.data.schema import Feedback, JudgeInfo, Turn
-from dress_lightning.data.shapeworld import reference_answer
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
 SCORE_MIN = 1.0
@@ -30,7 +29,6 @@ SCORE_MIN = 1.0
 SCORE_MAX = 10.0
 """Highest score: no problem at all on the aspect (``Feedback.score_max``)."""
 
-_SHAPEWORLD_ATTRIBUTES = ("shape", "color", "size", "position")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -177,28 +175,3 @@ def to_feedback(critique: Critique, judge: Judge, refinement: str | None = None)
 def strip_image_token(text: str) -> str:
     """Turn text without the ``<image>`` placeholder (and the line break after it), for prompts."""
     return text.replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "").strip()
-
-
-def query_for_turn(annotations: Mapping[str, Any], dialogue: Sequence[Turn]) -> dict[str, Any] | None:
-    """The structured query of the user turn answered (the last of ``dialogue``), else the first query.
-
-    Entry ``i`` of ``annotations["queries"]`` describes user turn ``i``; a later user turn without
-    one (a refinement NLF turn) still asks about the first question, so it falls back to entry 0.
-    """
-    queries = annotations.get("queries") or []
-    index = sum(turn["role"] == "user" for turn in dialogue) - 1
-    if 0 <= index < len(queries) and queries[index] is not None:
-        return queries[index]
-    return queries[0] if queries else None
-
-
-def is_shapeworld(objects: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether the objects carry ShapeWorld's full attributes (shape, colour, size, position)."""
-    return bool(objects) and all(all(key in obj for key in _SHAPEWORLD_ATTRIBUTES) for obj in objects)
-
-
-def reference_for_turn(annotations: Mapping[str, Any], dialogue: Sequence[Turn]) -> str | None:
-    """The ideal answer to the user turn answered, when the annotations determine one (ShapeWorld)."""
-    query = query_for_turn(annotations, dialogue)
-    objects = annotations.get("objects", [])
-    return reference_answer(query, objects) if query is not None and is_shapeworld(objects) else None

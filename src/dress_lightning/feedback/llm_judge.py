@@ -31,6 +31,7 @@ import httpx
 from dress_lightning.aspects import ASPECTS
 from dress_lightning.data.phrases import annotated_name
 from dress_lightning.data.schema import Turn
+from dress_lightning.data.shapeworld import is_shapeworld, reference_for_turn
 from dress_lightning.feedback.cache import JudgeCache, prompt_hash
 from dress_lightning.feedback.findings import FINDING_KINDS, FindingKind
 from dress_lightning.feedback.judges import (
@@ -41,8 +42,6 @@ from dress_lightning.feedback.judges import (
     Judge,
     JudgeFailure,
     SafetyVerdict,
-    is_shapeworld,
-    reference_for_turn,
     strip_image_token,
 )
 
