@@ -51,6 +51,9 @@ class ConditionSettings:
     sentence no judge writes; set it to the judge's own critique of a perfect answer (the annotation judge:
     ``PERFECT_SHAPEWORLD_CRITIQUE``) so that the model's perfect rollout answers and the reference answers
     share one condition."""
+    templates: Literal["fixed", "random"] = "fixed"
+    """Training only: ``random`` renders each training condition with one of ``TEMPLATES`` (Chain of Hindsight
+    varies its feedback phrasing against shortcuts); inference always uses the first, canonical one."""
     dropout: float = 0.0
     """Training only: the share of responses trained without their condition, so that one model also
     answers unconditioned (what classifier-free guidance mixes in; Korbak et al. 2023 use a small share)."""
@@ -60,10 +63,23 @@ class ConditionSettings:
             raise ValueError(f"condition.dropout is a share of training responses in [0, 1), got {self.dropout}")
 
 
-def render_condition(feedback: Mapping[str, Any] | None, settings: ConditionSettings) -> str | None:
-    """``C(f)`` for one schema feedback entry, or None when the mode is ``none`` or there is no feedback."""
+TEMPLATES: tuple[tuple[str, str, str], ...] = (
+    ("Feedback: ", "{scores}.", "Critique: {critique}"),  # canonical: inference and ``templates: fixed``
+    ("Judge's scores: ", "{scores}.", "Comment: {critique}"),
+    ("Rated ", "{scores}.", "Reviewer notes: {critique}"),
+    ("Assessment of this answer: ", "{scores}.", "Why: {critique}"),
+)
+"""Phrasings of ``C(f)``: (opening, scores part, critique part); ``templates: random`` trains on all of them."""
+
+
+def render_condition(feedback: Mapping[str, Any] | None, settings: ConditionSettings, template: int = 0) -> str | None:
+    """``C(f)`` for one schema feedback entry, or None when the mode is ``none`` or there is no feedback.
+
+    ``template`` picks one of ``TEMPLATES`` (0, the canonical one, unless training with random templates).
+    """
     if settings.mode == "none" or feedback is None:
         return None
+    opening, scores_part, critique_part = TEMPLATES[template]
     parts = []
     if settings.mode in ("score_critique", "score"):
         scale = settings.score_scale
@@ -73,10 +89,10 @@ def render_condition(feedback: Mapping[str, Any] | None, settings: ConditionSett
             if aspect in feedback["scores"]
         ]
         if scores:
-            parts.append(", ".join(scores) + ".")
+            parts.append(scores_part.format(scores=", ".join(scores)))
     if settings.mode in ("score_critique", "critique") and feedback.get("critique"):
-        parts.append(f"Critique: {feedback['critique'].strip()}")
-    return "Feedback: " + " ".join(parts) if parts else None
+        parts.append(critique_part.format(critique=feedback["critique"].strip()))
+    return opening + " ".join(parts) if parts else None
 
 
 def target_feedback(settings: ConditionSettings) -> dict[str, Any]:

@@ -157,6 +157,23 @@ def test_refined_turns_can_be_trained_on_the_reference_answer(formatter):
     assert text.count(target_condition(ConditionSettings())) == 1  # the refined turn; the first keeps its feedback
 
 
+def test_random_templates_vary_the_phrasing_in_training_only(formatter):
+    """templates=random spreads training conditions over every phrasing; inference keeps the canonical one."""
+    from dress_lightning.conditions import TEMPLATES
+
+    settings = ConditionSettings(templates="random")
+    encoder = ConditionedEncoder(formatter, None, settings, TurnSelection(keep_refined="all"))
+    openings = set()
+    for i in range(40):
+        _, conditions, _ = encoder.select(Sample(record={**TRAJECTORY.record, "id": f"t{i}"}, image=b"", image_ext="png"))
+        openings |= {next(o for o, _, _ in TEMPLATES if c.startswith(o)) for c in conditions}
+    assert openings == {o for o, _, _ in TEMPLATES}
+    assert target_condition(settings) == target_condition(ConditionSettings())
+    assert render_condition(TRAJECTORY.record["feedback"][0], settings, template=2) == (
+        "Rated helpfulness 3/10, honesty 10/10, harmlessness 10/10. Reviewer notes: Says three circles but there are two."
+    )
+
+
 def test_trajectory_without_trainable_turn_is_skipped(formatter):
     spec = describe_vision_tower("dress-tiny-vit")
     encoder = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(), TurnSelection())

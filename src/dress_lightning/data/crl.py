@@ -16,7 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from dress_lightning.conditions import ConditionSettings, mean_score, render_condition, target_condition
+from dress_lightning.conditions import (
+    TEMPLATES,
+    ConditionSettings,
+    mean_score,
+    render_condition,
+    target_condition,
+    target_feedback,
+)
 from dress_lightning.conversation import ConversationFormatter
 from dress_lightning.data.datamodule import ShardDataModule
 from dress_lightning.data.encoders import SampleEncoder
@@ -65,13 +72,16 @@ class ConditionedEncoder(SampleEncoder):
         feedback = sample.record.get("feedback")
         if not feedback:
             # Ground truth is the ideal response: condition it on the target, train on every turn.
-            conditions = [target_condition(self.condition)] * len(assistant_at)
+            target = target_feedback(self.condition)
+            conditions = [render_condition(target, self.condition, self._template(sample, k))
+                          for k in range(len(assistant_at))]
             return conversation, self._dropped(sample, conditions), [True] * len(assistant_at)
         keep = min(len(assistant_at), self.turns.max_turns if self.turns.refinement else 1)
         train = [self._trains(feedback, k) for k in range(keep)]
         if not any(train):
             raise SkipRecord("no trainable turn")
-        conditions = [render_condition(f, self.condition) for f in feedback[:keep]]
+        conditions = [render_condition(f, self.condition, self._template(sample, k))
+                      for k, f in enumerate(feedback[:keep])]
         conversation = conversation[: assistant_at[keep - 1] + 1]
         if self.turns.refinement_target == "reference":
             conversation = [dict(turn) for turn in conversation]
@@ -81,6 +91,12 @@ class ConditionedEncoder(SampleEncoder):
                     conversation[assistant_at[k]]["content"] = reference
                     conditions[k] = target_condition(self.condition)
         return conversation, self._dropped(sample, conditions), train
+
+    def _template(self, sample: Sample, turn: int) -> int:
+        """The ``TEMPLATES`` phrasing of a turn's condition: the canonical one, or one per (sample, turn) by hash."""
+        if self.condition.templates == "fixed":
+            return 0
+        return zlib.crc32(f"template/{sample.record['id']}/{turn}".encode()) % len(TEMPLATES)
 
     def _dropped(self, sample: Sample, conditions: list[str | None]) -> list[str | None]:
         """Conditions with ``condition.dropout`` of them removed, each by a hash of (sample, turn).
