@@ -28,6 +28,14 @@ def test_graph_runs_each_stage_after_its_inputs():
         assert f"runs/x/seed{seed}/nlf" in crl.overrides
         assert crl.overrides[crl.overrides.index("--seed_everything") + 1] == str(seed)
     assert "crl_score_only/seed0" not in names
+
+    # A second round: the round-1 model's own answers, judged, train it again (each round's data kept apart).
+    rounds = {s.name: s for s in experiment_stages([0], ["crl_round2"], "val", Path("runs/x"))}
+    assert "crl/seed0" in rounds  # the round it continues is built first
+    assert "runs/x/seed0/crl/checkpoints/last.ckpt" in rounds["rollout_crl_round2/seed0"].overrides
+    second = rounds["crl_round2/seed0"].overrides
+    assert second[second.index("--model.init_args.init_checkpoint") + 1] == "runs/x/seed0/crl/checkpoints/last.ckpt"
+    assert second[second.index("--data.init_args.nlf_shards") + 1] == "runs/x/seed0/crl_round2_nlf"
     with pytest.raises(ValueError, match="unknown arm"):
         experiment_stages([0], ["dpo_typo"], "val", Path("runs/x"))
 
@@ -55,11 +63,12 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results.json"
-    args = ["experiment", "--seeds", "3", "--arms", "crl", "sft_control", "--split", "val", "--json", str(out),
+    args = ["experiment", "--seeds", "3", "--arms", "crl", "sft_control", "crl_round2", "--split", "val",
+            "--json", str(out),
             *_tiny_overlays(tmp_path)]
     assert main(args) == 0
     summary = json.loads(out.read_text())
-    assert list(summary["arms"]) == ["sft", "sft_control", "crl"]
+    assert list(summary["arms"]) == ["sft", "sft_control", "crl", "crl_round2"]
     crl = summary["arms"]["crl"]
     assert crl["seeds"] == [3] and crl["prompts"] == 18  # 3 sets x 6 prompts
     steer = summary["diagnostics"]["steerability"]["crl"]
@@ -86,7 +95,7 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
             if key == "pope_f1" and expected is None and got == 0:
                 continue  # no true positive: F1 = 2TP / (2TP + FP + FN) is 0 where POPE's 2PR / (P + R) is undefined
             assert (got is None and expected is None) or got == pytest.approx(expected), (name, key)
-    assert set(summary["comparisons"]) == {"crl_vs_sft_control"}
+    assert set(summary["comparisons"]) == {"crl_vs_sft_control", "crl_round2_vs_sft_control", "crl_round2_vs_crl"}
     assert set(summary["stage_seconds"]) >= {"pretrain", "sft/seed3", "rollout/seed3", "crl/seed3"}
 
     # Run again: every stage is skipped (nothing retrained), the summary is rewritten.

@@ -57,6 +57,9 @@ class Arm:
     """Trains on this seed's NLF shards (``data.init_args.nlf_shards``)."""
     conditioned: bool = False
     """Answers under a feedback condition: also evaluated under a low-score condition and none (steerability)."""
+    continues: str | None = None
+    """Another round of that arm (online bootstrapping, as FCP and Quark re-collect): roll out that arm's model,
+    judge its answers, and train it again on them (``reads_feedback`` then reads this round's NLF)."""
 
 
 ARMS: dict[str, Arm] = {
@@ -77,6 +80,9 @@ ARMS: dict[str, Arm] = {
         ("configs/crl.yaml", "configs/reproduce/crl.yaml", "configs/reproduce/crl_no_refinement.yaml"),
         reads_feedback=True, conditioned=True,
     ),
+    "crl_round2": Arm("CRL, a second round on the round-1 CRL model's own judged answers",
+                      ("configs/crl.yaml", "configs/reproduce/crl.yaml"), reads_feedback=True, conditioned=True,
+                      continues="crl"),
     "rft": Arm("RFT: fine-tuning on the best judged samples (rejection sampling)",
                ("configs/rft.yaml", "configs/reproduce/rft.yaml"), reads_feedback=True),
     "dpo": Arm("DPO on pairs from the judged samples (reference: the SFT model)",
@@ -134,7 +140,7 @@ def experiment_stages(
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
-    arms = ["sft", *(arm for arm in ARMS if arm in arms and arm != "sft")]  # every arm needs its seed's SFT
+    arms = with_prerequisites(arms)
     pretrain = run_dir / "pretrain"
     # The tower (runs/clip) is not listed: the first fit that reads it builds it, as the main job does.
     stages = [
@@ -144,17 +150,23 @@ def experiment_stages(
     for seed in seeds:
         root = run_dir / f"seed{seed}"
         sft, nlf = root / "sft", root / "nlf"
+        def rollout(name: str, policy: Path, out: Path) -> Stage:
+            return Stage(f"{name}/seed{seed}", "rollout",
+                         ("configs/rollout.yaml", "configs/reproduce/rollout.yaml", *rollout_overlays), str(out),
+                         ("--checkpoint", str(checkpoint(policy)), "--out", str(out), "--seed", str(seed)))
+
         for arm in arms:
             spec = ARMS[arm]
-            start = checkpoint(pretrain if spec.starts_from == "pretrain" else sft)
+            start = checkpoint(pretrain if spec.starts_from == "pretrain" else root / (spec.continues or "sft"))
+            feedback = nlf
+            if spec.continues is not None:  # this round's feedback: the previous round's model, judged
+                feedback = root / f"{arm}_nlf"
+                stages.append(rollout(f"rollout_{arm}", root / spec.continues, feedback))
             out = root / arm
             stages.append(Stage(f"{arm}/seed{seed}", "fit", (*spec.configs, *fit_overlays), str(checkpoint(out)),
-                                _fit_plumbing(out, seed, start, nlf if spec.reads_feedback else None)))
+                                _fit_plumbing(out, seed, start, feedback if spec.reads_feedback else None)))
             if arm == "sft" and any(ARMS[a].reads_feedback for a in arms):
-                stages.append(Stage(f"rollout/seed{seed}", "rollout",
-                                    ("configs/rollout.yaml", "configs/reproduce/rollout.yaml", *rollout_overlays),
-                                    str(nlf),
-                                    ("--checkpoint", str(checkpoint(sft)), "--out", str(nlf), "--seed", str(seed))))
+                stages.append(rollout("rollout", sft, nlf))
         for arm in arms:
             conditions = ("target", *(STEERING_CONDITIONS if ARMS[arm].conditioned else ()))
             for condition in conditions:
@@ -165,6 +177,16 @@ def experiment_stages(
                                     ("--checkpoint", str(checkpoint(root / arm)), "--out", str(out),
                                      "--seed", str(seed), "--condition", condition)))
     return stages
+
+
+def with_prerequisites(arms: Sequence[str]) -> list[str]:
+    """``arms`` plus the arms they build on (SFT always; the round an arm continues), in ``ARMS`` order."""
+    wanted = {"sft", *arms}
+    for arm in list(wanted):
+        while ARMS[arm].continues is not None:
+            arm = ARMS[arm].continues
+            wanted.add(arm)
+    return [arm for arm in ARMS if arm in wanted]
 
 
 def evaluation_name(arm: str, condition: str) -> str:
@@ -326,7 +348,7 @@ def main(argv: Sequence[str]) -> int:
         return 0
     start = time.perf_counter()
     run_experiment(stages, args.run_dir / "timings.json")
-    arms = ["sft", *(arm for arm in ARMS if arm in args.arms and arm != "sft")]
+    arms = with_prerequisites(args.arms)
     summary = summarize(args.seeds, arms, args.split, args.run_dir)
     summary["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     text = json.dumps(summary, indent=2) + "\n"
