@@ -46,6 +46,9 @@ class ConditionSettings:
     """``score_critique`` (DRESS), ``score`` (Quark / SteerLM-like), ``critique``, or ``none`` (plain SFT)."""
     score_scale: int = 10
     """Scores are shown as integers out of this (rescaled from the feedback's own ``score_max``)."""
+    encoding: Literal["text", "tokens"] = "text"
+    """``text``: scores written out (``helpfulness 7/10``); ``tokens``: one reserved token per aspect and score
+    (``<helpfulness_7>``, Quark-style), added to the tokenizer and saved with the checkpoint."""
     target_critique: str = TARGET_CRITIQUE
     """The critique of the target condition ``C(f*)`` (SFT data in CRL and inference). The default is a fixed
     sentence no judge writes; set it to the judge's own critique of a perfect answer (the annotation judge:
@@ -83,16 +86,28 @@ def render_condition(feedback: Mapping[str, Any] | None, settings: ConditionSett
     parts = []
     if settings.mode in ("score_critique", "score"):
         scale = settings.score_scale
-        scores = [
-            f"{aspect} {round(feedback['scores'][aspect] / feedback['score_max'] * scale)}/{scale}"
-            for aspect in ASPECTS
-            if aspect in feedback["scores"]
-        ]
-        if scores:
-            parts.append(scores_part.format(scores=", ".join(scores)))
+        scores = {aspect: round(feedback["scores"][aspect] / feedback["score_max"] * scale)
+                  for aspect in ASPECTS if aspect in feedback["scores"]}
+        if scores and settings.encoding == "tokens":
+            opening = ""  # the tokens are the whole score part: no words around them
+            parts.append("".join(score_token(aspect, score) for aspect, score in scores.items()))
+        elif scores:
+            parts.append(scores_part.format(scores=", ".join(f"{a} {s}/{scale}" for a, s in scores.items())))
     if settings.mode in ("score_critique", "critique") and feedback.get("critique"):
         parts.append(critique_part.format(critique=feedback["critique"].strip()))
     return opening + " ".join(parts) if parts else None
+
+
+def score_token(aspect: str, score: int) -> str:
+    """The reserved token of one aspect's score (``encoding: tokens``): ``<helpfulness_7>``."""
+    return f"<{aspect}_{score}>"
+
+
+def condition_tokens(settings: ConditionSettings) -> list[str]:
+    """The tokens ``settings`` renders conditions with, to add to the tokenizer (none with ``encoding: text``)."""
+    if settings.encoding != "tokens":
+        return []
+    return [score_token(aspect, score) for aspect in ASPECTS for score in range(settings.score_scale + 1)]
 
 
 def target_feedback(settings: ConditionSettings) -> dict[str, Any]:

@@ -213,3 +213,53 @@ def test_condition_controls_a_trained_toy_model(formatter):
 
     assert answer(task.generation_condition()) == good
     assert answer(render_condition(_feedback(1.0, "Wrong."), settings)) == bad
+
+
+def test_reserved_condition_tokens_train_survive_save_and_load(judged_nlf_shards, policy_checkpoint, tmp_path):
+    """encoding=tokens: CRL from an SFT checkpoint grows the vocabulary by one token per aspect and score; the
+    checkpoint keeps those rows, and the loaded model conditions on the same single-token ids."""
+    from dress_lightning.cli import main
+    from dress_lightning.conditions import condition_tokens
+    from dress_lightning.inference import load_task
+
+    run, shards = tmp_path / "run", policy_checkpoint.parent.parent
+    assert main(["fit", "-c", str(ROOT / "configs/crl.yaml"), "-c", str(ROOT / "configs/overlays/ci_tiny.yaml"),
+                 "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                 "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
+                 "--trainer.callbacks.init_args.dirpath", str(run / "ck"),
+                 "--model.init_args.init_checkpoint", str(policy_checkpoint),
+                 "--model.init_args.condition.encoding", "tokens",
+                 "--data.init_args.nlf_shards", str(judged_nlf_shards),
+                 "--data.init_args.train_shards", str(shards / "train"), "--data.init_args.train_shapeworld", "null",
+                 "--data.init_args.val_shards", str(shards / "val"), "--data.init_args.val_shapeworld", "null",
+                 "--data.init_args.epoch_length", "32"]) == 0
+    task = load_task(str(run / "ck" / "last.ckpt"))
+    settings = task.condition
+    tokens = condition_tokens(settings)
+    assert len(tokens) == 3 * 11
+    ids = task.tokenizer.convert_tokens_to_ids(tokens)
+    assert len(set(ids)) == len(tokens) and task.tokenizer.unk_token_id not in ids  # each one token of its own
+    embeddings = task.model.language_model.get_input_embeddings().weight
+    assert embeddings.shape[0] >= max(ids) + 1
+    saved = torch.load(run / "ck" / "last.ckpt", weights_only=True)["state_dict"]
+    name = next(k for k in saved if k.endswith("embed_tokens.weight"))
+    assert torch.equal(saved[name], embeddings.detach())  # the added rows were trained and saved
+    condition = task.generation_condition()
+    assert condition.startswith("<helpfulness_10><honesty_10><harmlessness_10>")
+    top = task.tokenizer.convert_tokens_to_ids(["<helpfulness_10>", "<honesty_10>", "<harmlessness_10>"])
+    assert set(top) <= set(task.tokenizer(condition)["input_ids"])
+
+
+def test_token_encoding_masks_loss_on_exactly_the_responses(tiny_tokenizer):
+    """With reserved condition tokens the label mask still covers the trained responses only."""
+    from dress_lightning.conditions import condition_tokens
+
+    settings = ConditionSettings(encoding="tokens")
+    tokenizer = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
+    tokenizer.add_tokens([IMAGE_TOKEN, *condition_tokens(settings)], special_tokens=True)
+    formatter = ConversationFormatter(tokenizer, num_image_tokens=64)
+    spec = describe_vision_tower("dress-tiny-vit")
+    encoder = ConditionedEncoder(formatter, spec.image_transform, settings, TurnSelection(keep_refined="all"))
+    trained, text = _trained_responses(formatter, encoder, TRAJECTORY)
+    assert trained == ["There are three circles.</s>", "There are four circles.</s>", "There are two circles.</s>"]
+    assert "<helpfulness_3><honesty_10><harmlessness_10>" in text.replace(" ", "")

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from dress_lightning.conditions import (
     TEMPLATES,
     ConditionSettings,
+    condition_tokens,
     mean_score,
     render_condition,
     target_condition,
@@ -29,6 +30,7 @@ from dress_lightning.data.datamodule import ShardDataModule
 from dress_lightning.data.encoders import SampleEncoder
 from dress_lightning.data.pipeline import Source
 from dress_lightning.data.schema import Sample
+from dress_lightning.models.factory import VisionLanguageConfig
 from dress_lightning.data.shapeworld import reference_for_turn
 from dress_lightning.data.skips import SkipRecord
 
@@ -50,6 +52,16 @@ class TurnSelection:
     refinement_target: Literal["own", "reference"] = "own"
     """What a kept refined turn is trained to say: the model's own improved answer (DRESS), or the reference
     answer where the annotations determine one (ShapeWorld), under the target condition (it is ideal)."""
+
+
+def with_condition_tokens(config: VisionLanguageConfig, condition: ConditionSettings) -> VisionLanguageConfig:
+    """``config`` with the reserved tokens of ``condition`` (``encoding: tokens``) among its added tokens.
+
+    The task and its data both apply it, so their tokenizers agree; a checkpoint's model config, rebuilt
+    by the task, carries them to evaluation, rollouts and chat.
+    """
+    missing = [t for t in condition_tokens(condition) if t not in config.added_tokens]
+    return replace(config, added_tokens=[*config.added_tokens, *missing]) if missing else config
 
 
 class ConditionedEncoder(SampleEncoder):
@@ -159,6 +171,7 @@ class CRLDataModule(ShardDataModule):
                         "(dress_lightning.stages) builds missing NLF shards before training starts.")
         self.sft_weight = sft_weight
         self.condition = condition or ConditionSettings()
+        self.model_config = with_condition_tokens(self.model_config, self.condition)
         self.turns = turns or TurnSelection()
         if self.predict_condition is None:
             self.predict_condition = target_condition(self.condition)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -47,6 +47,9 @@ class VisionLanguageConfig:
     """Freeze the projector (e.g. when only LoRA on the LM trains)."""
     freeze_language_model: bool = True
     """Freeze the LM's own weights (pretraining; LoRA adapters train even when this is True)."""
+    added_tokens: list[str] = field(default_factory=list)
+    """Special tokens added to the tokenizer (with new embedding rows), e.g. the reserved condition tokens of
+    conditional RL (``conditions.condition_tokens``); set by the task that needs them."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def count_parameters(model: VisionLanguageModel) -> ParameterReport:
 
 def build_tokenizer(config: VisionLanguageConfig) -> PreTrainedTokenizerBase:
     """Load the tokenizer ``config`` names, with the project's special tokens added."""
-    return load_tokenizer(config.tokenizer or config.language_model)
+    return load_tokenizer(config.tokenizer or config.language_model, config.added_tokens)
 
 
 def build_vision_language_model(

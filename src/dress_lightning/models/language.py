@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,16 @@ BUILTIN_LANGUAGE_MODELS: dict[str, dict[str, Any]] = {
 BUILTIN_TOKENIZER = ASSETS / "dress-tiny-tokenizer"
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, added_tokens: Sequence[str] = ()) -> PreTrainedTokenizerBase:
     """Load a tokenizer by HF name or local path (built-in LM names map to the shipped tokenizer).
 
-    ``<image>`` and, when missing, a pad token are added; the returned tokenizer pads on the left
-    for generation only when asked: callers set ``padding_side`` explicitly.
+    ``<image>``, ``added_tokens`` (in order: the same ids every time) and, when missing, a pad token
+    are added; the returned tokenizer pads on the left for generation only when asked: callers set
+    ``padding_side`` explicitly.
     """
     source = str(BUILTIN_TOKENIZER) if name_or_path in BUILTIN_LANGUAGE_MODELS else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source)
-    added = tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    added = tokenizer.add_tokens([IMAGE_TOKEN, *added_tokens], special_tokens=True)
     if tokenizer.pad_token is None:
         added += tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     if added:

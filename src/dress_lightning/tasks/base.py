@@ -144,7 +144,7 @@ class VisionLanguageTask(L.LightningModule):
         missing_trainable = [
             name for name, p in self.named_parameters() if p.requires_grad and name not in state
         ]
-        result = self.load_state_dict(state, strict=False)
+        result = self.load_state_dict(self._with_grown_vocabulary(state), strict=False)
         if result.unexpected_keys:
             raise RuntimeError(
                 f"init_checkpoint {path!r} holds {len(result.unexpected_keys)} tensor(s) this model does not have "
@@ -152,6 +152,23 @@ class VisionLanguageTask(L.LightningModule):
             )
         log.info("Initialised from %s (%d tensors; %d trainable tensors start fresh).",
                  path, len(state), len(missing_trainable))
+
+    def _with_grown_vocabulary(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with its (V, D) token matrices padded to this model's larger vocabulary.
+
+        A stage may add tokens to the tokenizer (CRL's reserved condition tokens): the checkpoint's rows
+        are kept, the new rows keep the mean-resized initialisation they were built with.
+        """
+        own = self.state_dict()
+        grown = dict(state)
+        for name, tensor in state.items():
+            mine = own.get(name)
+            if (mine is not None and tensor.ndim == 2 and mine.ndim == 2 and tensor.shape[1] == mine.shape[1]
+                    and tensor.shape[0] < mine.shape[0]):
+                padded = mine.detach().clone()
+                padded[: tensor.shape[0]] = tensor
+                grown[name] = padded
+        return grown
 
     def _shard(self, mesh) -> None:
         # FSDP2 through Lightning's ModelParallelStrategy: shard each decoder layer, then the rest.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dress_lightning.conditions import ConditionSettings, target_condition
+from dress_lightning.data.crl import with_condition_tokens
 from dress_lightning.tasks.sft import SFTTask
 
 
@@ -24,6 +25,7 @@ class CRLTask(SFTTask):
         """
         super().__init__(*args, **kwargs)
         self.condition = condition or ConditionSettings()
+        self.model_config = with_condition_tokens(self.model_config, self.condition)
 
     def generation_condition(self) -> str | None:
         return target_condition(self.condition)
