@@ -70,16 +70,19 @@ ARMS: dict[str, Arm] = {
     ),
     "crl": Arm("CRL (score + critique condition, refinement data)",
                ("configs/crl.yaml", "configs/reproduce/crl.yaml"), reads_feedback=True, conditioned=True),
-    "crl_score_only": Arm(
-        "CRL ablation: score-only condition",
-        ("configs/crl.yaml", "configs/reproduce/crl.yaml", "configs/reproduce/crl_score_only.yaml"),
-        reads_feedback=True, conditioned=True,
-    ),
-    "crl_no_refinement": Arm(
-        "CRL ablation: no refinement data",
-        ("configs/crl.yaml", "configs/reproduce/crl.yaml", "configs/reproduce/crl_no_refinement.yaml"),
-        reads_feedback=True, conditioned=True,
-    ),
+    **{
+        f"crl_{lever}": Arm(description, ("configs/crl.yaml", "configs/reproduce/crl.yaml",
+                                          f"configs/reproduce/crl_{lever}.yaml"), reads_feedback=True, conditioned=True)
+        for lever, description in {
+            "score_only": "CRL ablation: score-only condition",
+            "no_refinement": "CRL ablation: no refinement data",
+            "judge_target": "CRL lever: the target's critique in the judge's own words for a perfect answer",
+            "tokens": "CRL lever: scores as reserved tokens",
+            "templates": "CRL lever: randomised condition templates in training",
+            "dropout": "CRL lever: 10% condition dropout (for classifier-free guidance)",
+            "reference": "CRL lever: refined turns trained on the reference answer",
+        }.items()
+    },
     "crl_round2": Arm("CRL, a second round on the round-1 CRL model's own judged answers",
                       ("configs/crl.yaml", "configs/reproduce/crl.yaml"), reads_feedback=True, conditioned=True,
                       continues="crl"),

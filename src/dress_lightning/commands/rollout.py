@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,11 +108,11 @@ def load_rollout_config(config_files: Sequence[str], overrides: Sequence[str] = 
 def main(argv: Sequence[str]) -> int:
     """``feedback rollout ...``: the NLF data engine's command."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {PROG.removesuffix(' rollout')} rollout -c configs/rollout.yaml [--out DIR] [--samples N]\n"
+        print(f"usage: {PROG} -c configs/rollout.yaml [--out DIR] [--samples N]\n"
               f"       {PROG} --help   (every option)")
         return 0
     if argv[0] != "rollout":
-        print(f"error: unknown feedback command {argv[0]!r}; valid: rollout")
+        print(f"error: unknown feedback command {argv[0]!r}; valid: rollout", file=sys.stderr)
         return 2
     summary = run_rollout(RolloutConfig.parse(PROG, argv[1:]))
     from dress_lightning.progress import describe_rollout
