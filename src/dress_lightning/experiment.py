@@ -6,8 +6,10 @@ The graph (``experiment_stages``), with ``R = --run-dir`` (default ``runs/repro`
 
     clip (runs/clip, shared with the main job) -> pretrain (R/pretrain, shared by the seeds)
       -> per seed s:  R/seed{s}/sft -> R/seed{s}/nlf (rollout of that SFT model, sampled with seed s)
-                      -> every other arm, from that SFT model (``crl`` and its ablations on that NLF)
-                      -> evaluate every arm on the split: R/seed{s}/eval/{split}/{arm}
+                      -> every other arm, from that SFT model (``crl``, its ablations and levers, ``rft``,
+                         ``dpo`` on that NLF; ``crl_round2`` rolls out ``crl`` and trains it again)
+                      -> evaluate every arm on the split: R/seed{s}/eval/{split}/{arm}, conditioned arms
+                         also under ``low`` and ``none`` conditions ({arm}@low, {arm}@none: steerability)
 
 Each stage is a ``fit`` / ``rollout`` / ``evaluate`` over the arm's configs (``ARMS``: the base
 config plus its ``configs/reproduce/`` overlay, which holds the science: steps, learning rate,
@@ -20,7 +22,8 @@ every seed and arm (fixed shards), so arms are compared paired, prompt by prompt
 ``summarize`` reads every evaluation's ``responses.jsonl`` and writes one JSON object: per arm the
 mean over seeds of each headline key, ``per_seed``, ``ci95`` (bootstrap over seeds and prompts,
 ``evaluation.intervals``) and ``seeds``; ``comparisons`` (each arm minus the SFT control and minus
-CRL, paired); and the stage wall times.
+CRL, paired); ``diagnostics`` (steerability, grounding per arm, the feedback data of each seed's rollout);
+and the stage wall times.
 """
 
 from __future__ import annotations

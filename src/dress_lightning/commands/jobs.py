@@ -1,4 +1,4 @@
-"""The setup every predict-loop job shares: ``feedback rollout``, ``evaluate``, and the judge of ``chat``/``demo``.
+"""The setup the predict-loop jobs share: ``feedback rollout`` and ``evaluate``.
 
 A job is a dataclass parsed by jsonargparse (``-c`` YAML files compose, ``--key value`` overrides):
 ``PredictJob`` holds what all of them configure (the policy ``checkpoint``, prompt batches, the
