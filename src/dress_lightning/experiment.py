@@ -19,9 +19,9 @@ stage whose output exists is skipped, so an interrupted experiment resumes where
 CRL order from ``seed_everything`` / the rollout seed; the evaluation prompts are the same for
 every seed and arm (fixed shards), so arms are compared paired, prompt by prompt.
 
-``summarize`` reads every evaluation's ``responses.jsonl`` and writes one JSON object: per arm the
-mean over seeds of each headline key, ``per_seed``, ``ci95`` (bootstrap over seeds and prompts,
-``evaluation.intervals``) and ``seeds``; ``comparisons`` (each arm minus the SFT control and minus
+``summarize`` reads every evaluation's ``responses.jsonl`` and writes one JSON object: one object per
+arm (its name as the key) with the mean over seeds of each headline key, ``per_seed``, ``ci95``
+(bootstrap over seeds and prompts, ``evaluation.intervals``) and ``seeds``; ``comparisons`` (each arm minus the SFT control and minus
 CRL, paired); ``diagnostics`` (steerability, grounding per arm, the feedback data of each seed's rollout);
 and the stage wall times.
 """
@@ -266,12 +266,7 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
         feedback_data = {f"seed{s}": feedback_data_report(path) for s, path in nlf.items()}
     timings = run_dir / "timings.json"
     return {
-        "format": RESULTS_FORMAT,
-        "split": split,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": platform.processor() or platform.machine(),
-        "run_dir": str(run_dir),
-        "arms": results,
+        **results,  # one object per arm, in table order
         "comparisons": comparisons,
         "diagnostics": {
             "steerability": steerability,
@@ -279,6 +274,9 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
             "grounding": {arm: [_grounding(run_dir / f"seed{s}" / "eval" / split / arm) for s in seeds] for arm in arms},
         },
         "stage_seconds": json.loads(timings.read_text()) if timings.is_file() else {},
+        "provenance": {"format": RESULTS_FORMAT, "split": split, "run_dir": str(run_dir),
+                       "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                       "machine": platform.processor() or platform.machine()},
     }
 
 
@@ -311,7 +309,7 @@ def markdown(summary: dict[str, Any]) -> str:
     header = "| arm | seeds | " + " | ".join(HEADLINE) + " |\n|---|---|" + "---|" * len(HEADLINE) + "\n"
     rows = "".join(
         f"| {arm} | {len(r['seeds'])} | " + " | ".join(cell(r[k], r["ci95"][k]) for k in HEADLINE) + " |\n"
-        for arm, r in summary["arms"].items()
+        for arm, r in summary.items() if arm in ARMS
     )
     compared = "".join(
         f"| {name} | | " + " | ".join(cell(c[k]["diff"], c[k]["ci95"], sign=True) for k in HEADLINE) + " |\n"
@@ -356,7 +354,7 @@ def main(argv: Sequence[str]) -> int:
     run_experiment(stages, args.run_dir / "timings.json")
     arms = with_prerequisites(args.arms)
     summary = summarize(args.seeds, arms, args.split, args.run_dir)
-    summary["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
+    summary["provenance"]["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     text = json.dumps(summary, indent=2) + "\n"
     (args.run_dir / f"results_{args.split}.json").write_text(text)
     table = markdown(summary)
