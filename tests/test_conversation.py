@@ -76,6 +76,22 @@ def test_prompt_matches_the_training_prefix(tiny_tokenizer, template):
     assert set(formatter.stop_token_ids) >= {tiny_tokenizer.convert_tokens_to_ids(END_OF_TURN[template])}
 
 
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("placement", ["assistant_prefix", "user_suffix"])
+@pytest.mark.parametrize("response", ["The image shows a red circle.", "Yes, there is.", "Sorry, I can't help."])
+def test_a_condition_does_not_change_the_response_tokens(tiny_tokenizer, template, placement, response):
+    """The response is the same token ids with and without a condition, so what SFT taught about it carries
+    over to conditioned training and generation (v1 of vicuna_v1 tokenized " The" as "The" after a condition)."""
+    formatter = ConversationFormatter(tiny_tokenizer, N_IMAGE, template=template, condition_placement=placement)
+    conversation = [CONVERSATION[0], {"role": "assistant", "content": response}]
+
+    def response_ids(conditions):
+        encoded = formatter.encode(conversation, conditions)
+        return [token for token, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+
+    assert response_ids([CONDITIONS[0]]) == response_ids(None)
+
+
 def test_truncation_cuts_trailing_text_only_and_counts(tiny_tokenizer):
     full = ConversationFormatter(tiny_tokenizer, N_IMAGE, max_length=1024).encode(CONVERSATION)
     short = ConversationFormatter(tiny_tokenizer, N_IMAGE, max_length=len(full.input_ids) - 5).encode(CONVERSATION)

@@ -21,8 +21,12 @@ from transformers import PreTrainedTokenizerBase
 
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
-FORMAT_VERSION = "dress-conversation-v1"
-"""Version of the rendering rules below (templates, condition placement, masking); recorded in provenance."""
+FORMAT_VERSION = "dress-conversation-v2"
+"""Version of the rendering rules below (templates, condition placement, masking); recorded in provenance.
+
+v2: under ``vicuna_v1`` a conditioned response keeps its leading space (v1 dropped it after the condition's
+newline, so conditioned responses were other tokens than plain ones).
+"""
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (Hugging Face / PyTorch cross-entropy convention)."""
@@ -91,12 +95,12 @@ class VicunaV1Template:
                 text += f"USER: {message.content} "
                 continue
             text += "ASSISTANT:"
-            # The response span starts with its leading space: byte-level BPE glues the space to the
-            # first word, and generation from "ASSISTANT:" produces it the same way.
-            response = " " + message.content
             if message.condition is not None:
                 text += self.condition_prefix(message.condition)
-                response = message.content
+            # The response span starts with its leading space, conditioned or not: byte-level BPE glues the
+            # space to the first word (" The" is one token, "The" after a newline another), so a response is
+            # the same tokens with and without a condition, and what SFT taught about them carries over.
+            response = " " + message.content
             start = len(text)
             text += response + self.eos
             spans.append((start, len(text)))
