@@ -104,3 +104,23 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert main(args) == 0
     assert checkpoint.stat().st_mtime_ns == before
+
+
+def test_processes_sharing_a_run_directory_keep_each_others_stage_times(tmp_path, monkeypatch):
+    """One process per seed may share the run directory: a stage time recorded meanwhile is not overwritten."""
+    from dress_lightning import experiment
+    from dress_lightning.stages import Stage
+
+    timings = tmp_path / "timings.json"
+
+    def run_stage(stage):
+        Path(stage.output).write_text("done")
+        # Meanwhile another process (seed 1) records its own stage in the same file.
+        recorded = json.loads(timings.read_text()) if timings.is_file() else {}
+        timings.write_text(json.dumps({**recorded, f"other/{stage.name}": 1.0}))
+        return 2.0
+
+    monkeypatch.setattr(experiment, "run_stage", run_stage)
+    stages = [Stage(name, "fit", (), str(tmp_path / name)) for name in ("sft", "crl")]
+    experiment.run_experiment(stages, timings)
+    assert json.loads(timings.read_text()) == {"other/sft": 1.0, "sft": 2.0, "other/crl": 1.0, "crl": 2.0}

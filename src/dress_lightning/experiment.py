@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from dress_lightning.atomic import atomic_write_text
 from dress_lightning.stages import Stage, exists, run_stage
 
 log = logging.getLogger(__name__)
@@ -202,15 +203,17 @@ def evaluation_name(arm: str, condition: str) -> str:
 
 def run_experiment(stages: Sequence[Stage], timings: Path) -> None:
     """Run the stages whose output is missing, in order; each one's wall time goes to ``timings``."""
-    recorded = json.loads(timings.read_text()) if timings.is_file() else {}
     for i, stage in enumerate(stages, 1):
         if exists(stage.output):
             log.warning("[%d/%d] %s: %s exists, skipped.", i, len(stages), stage.name, stage.output)
             continue
         log.warning("[%d/%d] %s: %s", i, len(stages), stage.name, stage.describe())
-        recorded[stage.name] = round(run_stage(stage), 1)
+        seconds = round(run_stage(stage), 1)
+        # Read again just before writing: experiments over other seeds or arms may share the run directory
+        # (one process per core) and record their stages in the same file meanwhile.
+        recorded = json.loads(timings.read_text()) if timings.is_file() else {}
         timings.parent.mkdir(parents=True, exist_ok=True)
-        timings.write_text(json.dumps(recorded, indent=2) + "\n")
+        atomic_write_text(timings, json.dumps({**recorded, stage.name: seconds}, indent=2) + "\n")
 
 
 def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Path,
