@@ -35,6 +35,21 @@ def tiny_tokenizer(tiny_config):
     return build_tokenizer(tiny_config)
 
 
+def scramble_language_model(model, seed=0):
+    """Large random weights so greedy decoding produces varied tokens (a fresh tiny LM repeats one)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.language_model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+@pytest.fixture
+def scramble() -> Callable:
+    """``scramble(model)``: a tiny VLM whose answers vary with their prompt (tests of decoding need that)."""
+    return scramble_language_model
+
+
 @pytest.fixture
 def tiny_model(tiny_config, tiny_tokenizer):
     """A fresh tiny VLM per test (tests mutate weights); the build is cheap."""

@@ -26,7 +26,7 @@ MODEL_PREFIX = "model> "
 COMMANDS_HELP = """Type a question, or feedback on the last answer in your own words: it is sent as the next turn.
   /refine                         send the judge's refinement of the last answer as the next turn
   /condition target|none|TEXT     condition the next answers on the target, nothing, or TEXT
-  /guidance                       classifier-free guidance (not available in this version)
+  /guidance [SCALE [NEGATIVE]]    classifier-free guidance away from NEGATIVE (none|low|TEXT); 1: off
   /image PATH | /shapeworld INDEX start over with another image
   /reset                          start over with the same image
   /help, /quit"""
@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=Decoding.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=Decoding.temperature, help="0: greedy.")
     parser.add_argument("--top-p", type=float, default=Decoding.top_p)
+    parser.add_argument("--guidance-scale", type=float, default=Decoding.guidance_scale,
+                        help="Classifier-free guidance: l_u + g * (l_c - l_u) of the condition and the negative one; "
+                             "1: off. Needs a model trained with condition dropout (CRL `condition.dropout`).")
+    parser.add_argument("--negative-condition", default=Decoding.negative_condition,
+                        help=f"What guidance steers away from: `{NO_CONDITION}`, `low` or condition text.")
     return parser
 
 
@@ -158,8 +163,18 @@ class TerminalChat:
                 self.session.condition_spec = argument
                 self.say(f"(next answers are conditioned on: {self.session.condition!r})")
         elif command == "guidance":
-            self.say("(classifier-free guidance is not available in this version: answers follow the condition "
-                     "text alone; /condition changes it)")
+            decoding = self.session.decoding
+            if argument:
+                scale, _, negative = argument.partition(" ")
+                try:
+                    decoding.guidance_scale = float(scale)
+                except ValueError:
+                    raise ValueError(f"/guidance takes a scale first (1: off, e.g. 1.5), got {scale!r}") from None
+                decoding.negative_condition = negative.strip() or decoding.negative_condition
+            if decoding.guidance_scale == 1.0:
+                self.say("(guidance off: answers follow the condition alone; /guidance SCALE [NEGATIVE] turns it on)")
+            else:
+                self.say(f"(guidance {decoding.guidance_scale:g} away from: {self.session.negative_condition!r})")
         elif command == "image" and argument:
             self.load_image(path=argument)
         elif command == "shapeworld" and argument.isdigit():
@@ -201,7 +216,8 @@ def main(argv: Sequence[str]) -> int:
 
     vlm = load_model(args.checkpoint)
     session = ChatSession(vlm, judge=build_judge(args), condition_spec=args.condition,
-                          decoding=Decoding(args.max_new_tokens, args.temperature, args.top_p))
+                          decoding=Decoding(args.max_new_tokens, args.temperature, args.top_p,
+                                            args.guidance_scale, args.negative_condition))
     chat = TerminalChat(session)
     chat.say(f"Model: {args.checkpoint}; condition: {session.condition!r}; judge: "
              f"{session.judge.name if session.judge else 'none'}.")

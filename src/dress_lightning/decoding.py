@@ -37,3 +37,7 @@ class Decoding:
     temperature: float = 0.0
     """0: greedy; above 0: sampling at this temperature (nucleus ``top_p``)."""
     top_p: float = 1.0
+    guidance_scale: float = 1.0
+    """Classifier-free guidance as in ``GenerationSettings``: 1 decodes from the condition alone."""
+    negative_condition: str = "none"
+    """The condition guidance steers away from: ``none``, ``low`` or the text itself."""

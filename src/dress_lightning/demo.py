@@ -153,6 +153,9 @@ def main(argv: Sequence[str]) -> int:
                         help="A judge as class_path + init_args (default: the annotation judge, for ShapeWorld examples).")
     parser.add_argument("--max-new-tokens", type=int, default=Decoding.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=Decoding.temperature, help="0: greedy.")
+    parser.add_argument("--guidance-scale", type=float, default=Decoding.guidance_scale,
+                        help="Classifier-free guidance away from --negative-condition (as in chat); 1: off.")
+    parser.add_argument("--negative-condition", default=Decoding.negative_condition)
     args = parser.parse_args(list(argv))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
     try:
@@ -163,7 +166,8 @@ def main(argv: Sequence[str]) -> int:
 
     vlm = load_model(args.checkpoint)
     judge = build_judge(argparse.Namespace(judge=True, judge_config=args.judge_config))
-    demo = build_demo(vlm, judge, Decoding(args.max_new_tokens, args.temperature),
+    demo = build_demo(vlm, judge, Decoding(args.max_new_tokens, args.temperature, guidance_scale=args.guidance_scale,
+                                                 negative_condition=args.negative_condition),
                       title=f"Model: `{args.checkpoint}`; judge: `{judge.name}`.")
     demo.launch(server_name=args.host, server_port=args.port)
     return 0

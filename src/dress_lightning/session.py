@@ -96,11 +96,14 @@ class ChatSession:
         text = text.strip()
         if not text:
             raise ValueError("Empty message: type a question or feedback.")
+        if self.decoding.guidance_scale != 1.0 and self.negative_condition == self.condition:
+            raise ValueError(
+                f"guidance {self.decoding.guidance_scale:g} mixes two passes under the same condition "
+                f"({self.condition!r}), which changes nothing; set another negative condition, or guidance 1"
+            )
         self.conversation.append(Turn(role="user", content=text if self.conversation else ensure_image_token(text)))
         formatter = self.vlm.formatter
         prompt = torch.tensor([formatter.encode_prompt(self.conversation, self.condition)])
-        # Classifier-free guidance (an unconditioned pass mixed into each step's logits) would be applied
-        # here; this version has none, so answers follow the condition text alone.
         tokens = self.vlm.model.generate(
             prompt,
             torch.ones_like(prompt),
@@ -111,10 +114,24 @@ class ChatSession:
             top_p=self.decoding.top_p,
             eos_token_id=formatter.stop_token_ids,
             streamer=streamer,
+            **self._guidance(),
         )  # (1, T_new)
         answer = formatter.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
         self.conversation.append(Turn(role="assistant", content=answer))
         return answer
+
+    @property
+    def negative_condition(self) -> str | None:
+        """The condition classifier-free guidance steers away from (``decoding.negative_condition``)."""
+        return condition_for(self.decoding.negative_condition, self.vlm.generation_condition(), self.vlm.condition)
+
+    def _guidance(self) -> dict[str, Any]:
+        """``generate``'s guidance arguments: the conversation again under the negative condition (none at 1)."""
+        if self.decoding.guidance_scale == 1.0:
+            return {}
+        negative = torch.tensor([self.vlm.formatter.encode_prompt(self.conversation, self.negative_condition)])
+        return {"negative_input_ids": negative, "negative_attention_mask": torch.ones_like(negative),
+                "guidance_scale": self.decoding.guidance_scale}
 
     @property
     def judge_annotations(self) -> dict[str, Any] | None:

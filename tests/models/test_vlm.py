@@ -18,15 +18,6 @@ def _encode(tokenizer, model, texts, padding_side="left"):
     return tokenizer(expanded, return_tensors="pt", padding=True)
 
 
-def _scramble_language_model(model, seed=0):
-    """Large random weights so greedy decoding produces varied tokens (a fresh tiny LM repeats one)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.language_model.parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-
-
 def test_image_embeddings_are_spliced_at_placeholders(tiny_model, tiny_tokenizer):
     batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2])
     pixel_values = torch.randn(2, 3, 64, 64)
@@ -95,8 +86,8 @@ def test_frozen_parameters_unchanged_after_optimizer_step(tiny_model, tiny_token
         assert changed == name.startswith("projector."), name
 
 
-def test_batched_greedy_equals_per_sample_greedy(tiny_model, tiny_tokenizer):
-    _scramble_language_model(tiny_model)
+def test_batched_greedy_equals_per_sample_greedy(tiny_model, tiny_tokenizer, scramble):
+    scramble(tiny_model)
     torch.manual_seed(0)
     pixel_values = torch.randn(len(PROMPTS), 3, 64, 64)
     batch = _encode(tiny_tokenizer, tiny_model, PROMPTS)
@@ -113,8 +104,8 @@ def test_batched_greedy_equals_per_sample_greedy(tiny_model, tiny_tokenizer):
         assert alone[0].tolist() == batched[i].tolist()
 
 
-def test_generation_stops_at_eos_and_pads(tiny_model, tiny_tokenizer):
-    _scramble_language_model(tiny_model)
+def test_generation_stops_at_eos_and_pads(tiny_model, tiny_tokenizer, scramble):
+    scramble(tiny_model)
     batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2])
     pixel_values = torch.randn(2, 3, 64, 64)
     free = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=8, eos_token_id=[])
@@ -126,8 +117,8 @@ def test_generation_stops_at_eos_and_pads(tiny_model, tiny_tokenizer):
     assert (stopped[0, first_stop + 1 :] == tiny_model.pad_token_id).all()
 
 
-def test_sampling_is_seeded_and_respects_top_p(tiny_model, tiny_tokenizer):
-    _scramble_language_model(tiny_model)
+def test_sampling_is_seeded_and_respects_top_p(tiny_model, tiny_tokenizer, scramble):
+    scramble(tiny_model)
     batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2])
     pixel_values = torch.randn(2, 3, 64, 64)
 
@@ -150,11 +141,11 @@ def test_generate_refuses_right_padding(tiny_model, tiny_tokenizer):
         tiny_model.generate(batch.input_ids, batch.attention_mask, torch.randn(2, 3, 64, 64))
 
 
-def test_generate_matches_transformers_generate_with_rows_stopping_early(tiny_model, tiny_tokenizer):
+def test_generate_matches_transformers_generate_with_rows_stopping_early(tiny_model, tiny_tokenizer, scramble):
     """Finished rows leave the batch; the outputs stay those of transformers' own generate (greedy)."""
     from transformers import GenerationConfig
 
-    _scramble_language_model(tiny_model)
+    scramble(tiny_model)
     torch.manual_seed(0)
     pixel_values = torch.randn(len(PROMPTS), 3, 64, 64)
     batch = _encode(tiny_tokenizer, tiny_model, PROMPTS)
@@ -189,9 +180,9 @@ def _greedy_by_hand(model, prompts, pixel_values, steps, guidance_scale):
 
 
 @pytest.mark.parametrize("guidance_scale", [1.5, 3.0])
-def test_guidance_decodes_the_mix_of_two_logit_vectors(tiny_model, tiny_tokenizer, guidance_scale):
+def test_guidance_decodes_the_mix_of_two_logit_vectors(tiny_model, tiny_tokenizer, guidance_scale, scramble):
     """Each token is the argmax of l_u + g (l_c - l_u) of the prompt and its negative (differing lengths)."""
-    _scramble_language_model(tiny_model)
+    scramble(tiny_model)
     pixel_values = torch.randn(1, 3, 64, 64)
     conditioned = _encode(tiny_tokenizer, tiny_model, ["Feedback: helpfulness 10/10. Where is the blue triangle?"])
     negative = _encode(tiny_tokenizer, tiny_model, ["Where is the blue triangle?"])
@@ -205,8 +196,8 @@ def test_guidance_decodes_the_mix_of_two_logit_vectors(tiny_model, tiny_tokenize
     assert ours[0].tolist() != plain[0].tolist(), "guidance should change this scrambled model's answer"
 
 
-def test_guidance_at_one_is_plain_decoding_with_rows_stopping_early(tiny_model, tiny_tokenizer):
-    _scramble_language_model(tiny_model)
+def test_guidance_at_one_is_plain_decoding_with_rows_stopping_early(tiny_model, tiny_tokenizer, scramble):
+    scramble(tiny_model)
     torch.manual_seed(0)
     pixel_values = torch.randn(len(PROMPTS), 3, 64, 64)
     batch = _encode(tiny_tokenizer, tiny_model, PROMPTS)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pexpect
+import pytest
 
 from dress_lightning.chat import USER_PROMPT
 from dress_lightning.session import ChatSession, Decoding, load_model, shapeworld_example
@@ -53,7 +54,18 @@ def test_a_person_asks_gives_feedback_switches_condition_and_refines(exported):
         child.expect_exact("(error: image /no/such/picture.png does not exist)")
         child.expect_exact(USER_PROMPT)
         child.sendline("/guidance")
-        child.expect_exact("classifier-free guidance is not available")
+        child.expect_exact("(guidance off")
+        child.expect_exact(USER_PROMPT)
+        child.sendline("/guidance strong")
+        child.expect_exact("(error: /guidance takes a scale first (1: off, e.g. 1.5), got 'strong')")
+        child.expect_exact(USER_PROMPT)
+        child.sendline("/condition target")
+        child.expect_exact(USER_PROMPT)
+        child.sendline("/guidance 1.5 none")
+        child.expect_exact("(guidance 1.5 away from: None)")
+        child.expect_exact(USER_PROMPT)
+        child.sendline("Where is the circle?")
+        child.expect_exact("model> ")
         child.expect_exact(USER_PROMPT)
         child.sendline("/quit")
         child.expect(pexpect.EOF)
@@ -113,6 +125,31 @@ def test_answers_stream_token_by_token_and_feedback_becomes_the_next_turn(export
     assert [turn["role"] for turn in session.conversation] == ["user", "assistant", "user", "assistant"]
     assert session.conversation[2]["content"] == "Count again, more carefully."
     assert session.conversation[0]["content"].startswith("<image>\n")
+
+
+def test_guidance_mixes_the_condition_with_the_negative_one(exported, scramble):
+    """Scale 1 is the condition alone; scale 0 is the negative condition alone (l_u + 0 * (l_c - l_u) = l_u)."""
+    vlm = load_model(exported)
+    scramble(vlm.model)
+    image, annotations, question = shapeworld_example(2)
+
+    def answer(**decoding) -> str:
+        session = ChatSession(vlm, decoding=Decoding(max_new_tokens=12, **decoding))
+        session.set_image(image, annotations, question)
+        return session.ask(question)
+
+    assert answer(guidance_scale=1.0, negative_condition="low") == answer()
+    plain_low = ChatSession(vlm, decoding=Decoding(max_new_tokens=12), condition_spec="low")
+    plain_low.set_image(image, annotations, question)
+    under_low = plain_low.ask(question)
+    assert under_low != answer()  # the two conditions answer differently, so the mixing is seen
+    assert answer(guidance_scale=0.0, negative_condition="low") == under_low
+
+    same = ChatSession(vlm, decoding=Decoding(guidance_scale=2.0, negative_condition="target"))
+    same.set_image(image, annotations, question)
+    with pytest.raises(ValueError, match="same condition"):
+        same.ask(question)
+    assert same.conversation == []  # the refused question is not left in the dialogue
 
 
 def test_an_llm_judge_comes_from_a_yaml_like_the_eval_configs(tmp_path):
