@@ -124,3 +124,37 @@ def test_processes_sharing_a_run_directory_keep_each_others_stage_times(tmp_path
     stages = [Stage(name, "fit", (), str(tmp_path / name)) for name in ("sft", "crl")]
     experiment.run_experiment(stages, timings)
     assert json.loads(timings.read_text()) == {"other/sft": 1.0, "sft": 2.0, "other/crl": 1.0, "crl": 2.0}
+
+
+def test_a_stage_another_process_runs_is_waited_for_and_a_dead_claim_taken_over(tmp_path, monkeypatch):
+    """Processes sharing a run directory never run a stage twice, and a claim left by a killed one does not block."""
+    import subprocess
+    import sys
+
+    from dress_lightning import experiment
+    from dress_lightning.stages import Stage
+
+    ran = []
+
+    def run_stage(stage):
+        ran.append(stage.name)
+        Path(stage.output).write_text("done")
+        return 1.0
+
+    monkeypatch.setattr(experiment, "run_stage", run_stage)
+    busy, orphaned = (Stage(name, "fit", (), str(tmp_path / name)) for name in ("busy", "orphaned"))
+    # "busy" is being run by another live process, which writes its output in a moment and releases its claim.
+    other = subprocess.Popen([sys.executable, "-c", f"import time, pathlib; time.sleep(1.0); "
+                              f"pathlib.Path({busy.output!r}).write_text('done by the other process'); "
+                              f"pathlib.Path({busy.output + '.running'!r}).unlink()"])
+    Path(f"{busy.output}.running").write_text(str(other.pid))
+    # "orphaned" was claimed by a process that is gone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Path(f"{orphaned.output}.running").write_text(str(dead.pid))
+
+    experiment.run_experiment([busy, orphaned], tmp_path / "timings.json", poll_seconds=0.2)
+    other.wait()
+    assert ran == ["orphaned"]
+    assert Path(busy.output).read_text() == "done by the other process"
+    assert not list(tmp_path.glob("*.running"))

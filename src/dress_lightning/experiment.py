@@ -15,7 +15,10 @@ Each stage is a ``fit`` / ``rollout`` / ``evaluate`` over the arm's configs (``A
 config plus its ``configs/reproduce/`` overlay, which holds the science: steps, learning rate,
 options) and overrides that hold the plumbing (the seed, where it writes, what it starts from). A
 stage whose output exists is skipped, so an interrupted experiment resumes where it stopped;
-``--dry-run`` prints the commands. Each seed draws its own SFT training order, rollout samples and
+``--dry-run`` prints the commands. Several processes may share a run directory (e.g. one seed per core,
+or the arms of one seed split over cores): a stage being run is claimed by a ``{output}.running`` file
+holding the runner's process id, and another process that reaches it waits for it to finish instead of
+running it twice (a claim whose process is gone is taken over). Each seed draws its own SFT training order, rollout samples and
 CRL order from ``seed_everything`` / the rollout seed; the evaluation prompts are the same for
 every seed and arm (fixed shards), so arms are compared paired, prompt by prompt.
 
@@ -31,9 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,19 +206,95 @@ def evaluation_name(arm: str, condition: str) -> str:
     return arm if condition == "target" else f"{arm}@{condition}"
 
 
-def run_experiment(stages: Sequence[Stage], timings: Path) -> None:
-    """Run the stages whose output is missing, in order; each one's wall time goes to ``timings``."""
+def run_experiment(stages: Sequence[Stage], timings: Path, poll_seconds: float = 10.0) -> None:
+    """Run the stages whose output is missing, in order; each one's wall time goes to ``timings``.
+
+    A stage another process is running (``{output}.running``) is waited for, not run twice.
+    """
     for i, stage in enumerate(stages, 1):
         if exists(stage.output):
             log.warning("[%d/%d] %s: %s exists, skipped.", i, len(stages), stage.name, stage.output)
             continue
-        log.warning("[%d/%d] %s: %s", i, len(stages), stage.name, stage.describe())
-        seconds = round(run_stage(stage), 1)
+        with _claim(stage, poll_seconds) as claimed:
+            if not claimed:
+                log.warning("[%d/%d] %s: another process ran it, skipped.", i, len(stages), stage.name)
+                continue
+            log.warning("[%d/%d] %s: %s", i, len(stages), stage.name, stage.describe())
+            seconds = round(run_stage(stage), 1)
         # Read again just before writing: experiments over other seeds or arms may share the run directory
         # (one process per core) and record their stages in the same file meanwhile.
         recorded = json.loads(timings.read_text()) if timings.is_file() else {}
         timings.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(timings, json.dumps({**recorded, stage.name: seconds}, indent=2) + "\n")
+
+
+@contextmanager
+def _claim(stage: Stage, poll_seconds: float) -> Iterator[bool]:
+    """Claim ``stage`` for this process; yields whether to run it: False when a process waited for made its output.
+
+    While another live process holds the claim, wait; a claim whose process is gone is taken over.
+    """
+    claim = Path(f"{stage.output}.running")
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    waiting = False
+    while not _take(claim):
+        if exists(stage.output):
+            yield False
+            return
+        owner = _claim_owner(claim)
+        if owner is None and time.time() - _mtime(claim) < STALE_CLAIM_SECONDS:
+            time.sleep(0.1)  # just created, its process id not written yet
+            continue
+        if owner is None or not _alive(owner):
+            log.warning("%s: the process that claimed it (%s) is gone; running it here.", stage.name, owner)
+            claim.unlink(missing_ok=True)
+            continue
+        if not waiting:
+            log.warning("%s: process %d is running it (%s); waiting for it.", stage.name, owner, claim)
+            waiting = True
+        time.sleep(poll_seconds)
+    try:
+        yield not exists(stage.output)
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+STALE_CLAIM_SECONDS = 60.0
+"""A claim file still without a process id after this long was left by a process that died creating it."""
+
+
+def _take(claim: Path) -> bool:
+    try:
+        descriptor = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _claim_owner(claim: Path) -> int | None:
+    try:
+        return int(claim.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Path,
