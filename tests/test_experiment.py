@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from dress_lightning.cli import main
+from dress_lightning.conversation import FORMAT_VERSION
 from dress_lightning.evaluation.intervals import HEADLINE, prompt_tallies, ratio, read_tallies
 from dress_lightning.experiment import ARMS, experiment_stages
 
@@ -97,6 +98,9 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
             assert (got is None and expected is None) or got == pytest.approx(expected), (name, key)
     assert set(summary["comparisons"]) == {"crl_vs_sft_control", "crl_round2_vs_sft_control", "crl_round2_vs_crl"}
     assert set(summary["stage_seconds"]) >= {"pretrain", "sft/seed3", "rollout/seed3", "crl/seed3"}
+    made_with = summary["provenance"]["evaluations"]["crl"][0]
+    assert made_with["conversation_format"] == FORMAT_VERSION and made_with["seed"] == 3
+    assert made_with["checkpoint"] == "runs/repro/seed3/crl/checkpoints/last.ckpt"
 
     # Run again: every stage is skipped (nothing retrained), the summary is rewritten.
     checkpoint = Path("runs/repro/seed3/crl/checkpoints/last.ckpt")

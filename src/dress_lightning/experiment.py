@@ -360,8 +360,18 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
         "stage_seconds": json.loads(timings.read_text()) if timings.is_file() else {},
         "provenance": {"format": RESULTS_FORMAT, "split": split, "run_dir": str(run_dir),
                        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                       "machine": platform.processor() or platform.machine()},
+                       "machine": platform.processor() or platform.machine(),
+                       # Per arm and seed, what each evaluation was made with (a resumed experiment may
+                       # combine stages run by different versions of the code).
+                       "evaluations": {arm: [_evaluation_provenance(run_dir / f"seed{s}" / "eval" / split / arm)
+                                             for s in seeds] for arm in arms}},
     }
+
+
+def _evaluation_provenance(report_dir: Path) -> dict[str, Any]:
+    provenance = json.loads((report_dir / "report.json").read_text())["provenance"]
+    return {key: provenance.get(key) for key in ("created", "dress_lightning_version", "conversation_format",
+                                                 "checkpoint", "seed")}
 
 
 def _grounding(report_dir: Path) -> dict[str, Any]:
