@@ -68,6 +68,10 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
             "--json", str(out),
             *_tiny_overlays(tmp_path)]
     assert main(args) == 0
+    report = capsys.readouterr().out  # the markdown report: results, then the diagnostics beside them
+    for section in ("| crl | 1 |", "| crl_round2_vs_crl |", "Each seed on its own", "| crl @ low |",
+                    "best-of-n", "| sft: questions, blank image |", "Distinct descriptions"):
+        assert section in report, section
     summary = json.loads(out.read_text())
     assert [key for key in summary if key in ARMS] == ["sft", "sft_control", "crl", "crl_round2"]
     crl = summary["crl"]

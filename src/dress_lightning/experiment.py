@@ -390,26 +390,84 @@ def _difference(a: float | None, b: float | None) -> float | None:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """The results table: mean over seeds [95% interval], in %; then the paired comparisons."""
-
-    def cell(value: float | None, interval: list[float] | tuple[float, float] | None, sign: bool = False) -> str:
-        if value is None:
-            return "n/a"
-        text = f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
-        return text + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
-
+    """The report: results (mean over seeds [95% interval], in %), paired comparisons, then beside them the
+    spread over seeds, steerability, the feedback data and grounding (issue 15's diagnostics)."""
     from dress_lightning.evaluation.intervals import HEADLINE
 
-    header = "| arm | seeds | " + " | ".join(HEADLINE) + " |\n|---|---|" + "---|" * len(HEADLINE) + "\n"
-    rows = "".join(
-        f"| {arm} | {len(r['seeds'])} | " + " | ".join(cell(r[k], r["ci95"][k]) for k in HEADLINE) + " |\n"
-        for arm, r in summary.items() if arm in ARMS
-    )
-    compared = "".join(
-        f"| {name} | | " + " | ".join(cell(c[k]["diff"], c[k]["ci95"], sign=True) for k in HEADLINE) + " |\n"
-        for name, c in summary["comparisons"].items()
-    )
-    return header + rows + (compared and "| **paired differences** | |" + " |" * len(HEADLINE) + "\n" + compared)
+    arms = {arm: r for arm, r in summary.items() if arm in ARMS}
+    sections = [_table(["arm", "seeds", *HEADLINE],
+                       [[arm, str(len(r["seeds"])), *(_cell(r[k], r["ci95"][k]) for k in HEADLINE)]
+                        for arm, r in arms.items()]
+                       + ([["**paired differences**", "", *[""] * len(HEADLINE)]] if summary["comparisons"] else [])
+                       + [[name, "", *(_cell(c[k]["diff"], c[k]["ci95"], sign=True) for k in HEADLINE)]
+                          for name, c in summary["comparisons"].items()])]
+    sections.append("Each seed on its own (the spread over training, rollout and evaluation seeds):\n\n" + _table(
+        ["arm", "seed", *HEADLINE],
+        [[arm, str(seed), *(_cell(values[k], None) for k in HEADLINE)]
+         for arm, r in arms.items() for seed, values in zip(r["seeds"], r["per_seed"])]))
+    diagnostics = summary["diagnostics"]
+    if diagnostics["steerability"]:
+        sections.append("Steerability: each conditioned arm under a low-score condition and under none, "
+                        "minus the same arm under its target condition (paired):\n\n" + _table(
+                            ["arm @ condition", *HEADLINE],
+                            [[f"{arm} @ {condition}",
+                              *(_cell(v[k]["minus_target"], v[k]["minus_target_ci95"], sign=True) for k in HEADLINE)]
+                             for arm, conditions in diagnostics["steerability"].items()
+                             for condition, v in conditions.items()]))
+    if diagnostics["feedback_data"]:
+        aspects = list(next(iter(diagnostics["feedback_data"].values()))["best_of_n"])
+        sections.append("The feedback data (each seed's rollout of its SFT model): mean judge score of the samples "
+                        "and of the best of each prompt's samples (best-of-n: the headroom one round offers):\n\n"
+                        + _table(["seed", "trajectories", "perfect", "refinements improved",
+                                  *(f"{a}: mean / best-of-n" for a in aspects)],
+                                 [[seed, str(d["trajectories"]), _cell(d["perfect_share"], None),
+                                   _cell(d["improved_after_refinement_share"], None),
+                                   *(f"{_cell(d['sample_mean'][a], None)} / {_cell(d['best_of_n'][a], None)}"
+                                     for a in aspects)]
+                                  for seed, d in diagnostics["feedback_data"].items()]))
+    sections.append(_grounding_table(diagnostics["grounding"]))
+    return "\n".join(section for section in sections if section)
+
+
+def _cell(value: float | None, interval: Sequence[float] | None, sign: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
+    return text + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def _grounding_table(grounding: Mapping[str, list[dict[str, Any]]]) -> str:
+    """Exact accuracy per question type, mean over seeds, with the image and under each blind control."""
+    rows, types = [], None
+    for arm, per_seed in grounding.items():
+        for set_name in per_seed[0]:
+            for view in ("image", "blank", "shuffled"):
+                if view not in per_seed[0][set_name]:
+                    continue
+                types = types or [t for t in per_seed[0][set_name][view] if t not in ("describe", "overall")]
+                accuracy = [seed[set_name][view] for seed in per_seed]
+                means = [_mean([a.get(t) for a in accuracy]) for t in types]
+                if any(m is not None for m in means):  # sets without questions (describe, harmful) have none
+                    rows.append([f"{arm}: {set_name}" + ("" if view == "image" else f", {view} image"),
+                                 *(_cell(m, None) for m in means)])
+    distinct = [[arm, _cell(_mean([seed[s]["distinct_descriptions"] for seed in per_seed]), None)]
+                for arm, per_seed in grounding.items() for s in per_seed[0]
+                if per_seed[0][s].get("distinct_descriptions") is not None]
+    if not rows:
+        return ""
+    return ("Grounding: exact accuracy per question type (mean over seeds):\n\n" + _table(["arm: set", *types], rows)
+            + ("\nDistinct descriptions (distinct answers / describe prompts; 1 / n: one answer to all n):\n\n"
+               + _table(["arm", "distinct"], distinct) if distinct else ""))
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def _overlay(text: str) -> tuple[str, str]:
