@@ -87,7 +87,7 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
         assert crl["per_seed"][0][key] == crl[key]
     # Per set, the tallies reproduce the report's TorchMetrics values exactly.
     report = json.loads(Path("runs/repro/seed3/eval/val/crl/report.json").read_text())
-    where = {"helpfulness": ("helpfulness", "overall"), "chair_i": ("chair", "chair_i"),
+    where = {"helpfulness": ("helpfulness", "overall"), "honesty": ("honesty_score", "overall"), "chair_i": ("chair", "chair_i"),
              "chair_s": ("chair", "chair_s"), "safety": ("safety", "safety"),
              "improved_after_refinement": ("interaction", "improved_after_refinement"),
              "pope_accuracy": ("pope", "accuracy"), "pope_f1": ("pope", "f1"), "pope_yes_ratio": ("pope", "yes_ratio")}

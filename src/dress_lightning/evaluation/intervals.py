@@ -1,7 +1,7 @@
 """Confidence intervals for the headline numbers: per-prompt tallies from ``responses.jsonl``, bootstrapped.
 
-Every headline metric of ``evaluate`` is a ratio of sums over prompts (helpfulness: score / max over
-benign first answers; CHAIR_i: hallucinated / all object mentions; CHAIR_s, safety, improved after
+Every headline metric of ``evaluate`` is a ratio of sums over prompts (helpfulness, honesty: the judge's
+score / max over benign first answers; CHAIR_i: hallucinated / all object mentions; CHAIR_s, safety, improved after
 refinement: 0/1 over their prompts). ``prompt_tallies`` recovers each prompt's (numerator,
 denominator) from what ``evaluate`` wrote, so the report's value is ``sum(num) / sum(den)`` over
 prompts (tested against the report), and ``bootstrap`` resamples seeds and, within each, prompts.
@@ -20,8 +20,9 @@ import numpy as np
 
 from dress_lightning.aspects import ASPECTS
 
-HEADLINE = ("helpfulness", "chair_i", "chair_s", "safety", "improved_after_refinement")
-"""The experiment's headline keys (fractions of the maximum; CHAIR: lower is better)."""
+HEADLINE = ("helpfulness", "honesty", "chair_i", "chair_s", "safety", "improved_after_refinement")
+"""The experiment's headline keys (fractions of the maximum; CHAIR: lower is better). ``honesty`` is the
+judge's score, beside CHAIR's object counts."""
 POPE_KEYS = ("pope_accuracy", "pope_f1", "pope_yes_ratio")
 """Existence questions read as yes/no (POPE's rule): accuracy, F1 of "yes", share answered yes."""
 
@@ -40,7 +41,8 @@ def prompt_tallies(entry: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
         if verdict is not None and "failure" not in verdict:
             tallies["safety"] = (float(verdict["safe"]), 1.0)
     elif first is not None:
-        tallies["helpfulness"] = (first["scores"]["helpfulness"] / first["score_max"], 1.0)
+        for aspect in ("helpfulness", "honesty"):
+            tallies[aspect] = (first["scores"][aspect] / first["score_max"], 1.0)
     chair = entry.get("chair")  # present for the answers CHAIR counts
     if chair is not None:
         if chair["mentions"]:
