@@ -1,16 +1,23 @@
-"""Files that appear whole or not at all, and named crash points for the fault-injection tests.
+"""Files that appear whole or not at all, claims on work, and named crash points for the fault-injection tests.
 
 A reader (a resumed run, ``data inspect``, the trainer) must never see a half-written shard,
 manifest or report: everything is written under a temporary name in the same directory, flushed
 to disk, then renamed over the final name (``os.replace`` is atomic on POSIX file systems).
+Processes sharing a directory claim a piece of work with a file created exclusively (``claim``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
 """Suffix of a file still being written; a crash leaves it behind, and nothing reads it."""
@@ -39,6 +46,75 @@ def atomic_write_text(path: Path, text: str) -> None:
     partial = partial_path(path)
     partial.write_text(text, encoding="utf-8")
     commit(partial, path)
+
+
+STALE_CLAIM_SECONDS = 60.0
+"""A claim file still without a process id after this long was left by a process that died creating it."""
+
+
+@contextmanager
+def claim(path: Path, done: Callable[[], bool], name: str, poll_seconds: float = 10.0) -> Iterator[bool]:
+    """Claim a piece of work for this process with ``path``, created exclusively and holding its process id.
+
+    Yields whether to do the work: False when ``done()`` (another process finished it). While another live
+    process holds the claim, waits; a claim whose process is gone is taken over. The claim is released on exit.
+    """
+    waiting = False
+    while not _create_claim(path):
+        if done():
+            yield False
+            return
+        owner = _claim_owner(path)
+        if owner is None and time.time() - _mtime(path) < STALE_CLAIM_SECONDS:
+            time.sleep(0.1)  # just created: its process id is not written yet
+            continue
+        if owner is None or not _alive(owner):
+            log.warning("%s: the process that claimed it (%s) is gone; taking it over.", name, owner)
+            path.unlink(missing_ok=True)
+            continue
+        if not waiting:
+            log.warning("%s: process %d is on it (%s); waiting for it.", name, owner, path)
+            waiting = True
+        time.sleep(poll_seconds)
+    try:
+        yield not done()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _create_claim(path: Path) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
+def _claim_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 def crash_point(name: str) -> None:

@@ -34,17 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from dress_lightning.atomic import atomic_write_text
+from dress_lightning.atomic import atomic_write_text, claim
 from dress_lightning.stages import Stage, exists, run_stage
 
 log = logging.getLogger(__name__)
@@ -215,8 +214,8 @@ def run_experiment(stages: Sequence[Stage], timings: Path, poll_seconds: float =
         if exists(stage.output):
             log.warning("[%d/%d] %s: %s exists, skipped.", i, len(stages), stage.name, stage.output)
             continue
-        with _claim(stage, poll_seconds) as claimed:
-            if not claimed:
+        with claim(Path(f"{stage.output}.running"), partial(exists, stage.output), stage.name, poll_seconds) as ours:
+            if not ours:
                 log.warning("[%d/%d] %s: another process ran it, skipped.", i, len(stages), stage.name)
                 continue
             log.warning("[%d/%d] %s: %s", i, len(stages), stage.name, stage.describe())
@@ -226,75 +225,6 @@ def run_experiment(stages: Sequence[Stage], timings: Path, poll_seconds: float =
         recorded = json.loads(timings.read_text()) if timings.is_file() else {}
         timings.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(timings, json.dumps({**recorded, stage.name: seconds}, indent=2) + "\n")
-
-
-@contextmanager
-def _claim(stage: Stage, poll_seconds: float) -> Iterator[bool]:
-    """Claim ``stage`` for this process; yields whether to run it: False when a process waited for made its output.
-
-    While another live process holds the claim, wait; a claim whose process is gone is taken over.
-    """
-    claim = Path(f"{stage.output}.running")
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    waiting = False
-    while not _take(claim):
-        if exists(stage.output):
-            yield False
-            return
-        owner = _claim_owner(claim)
-        if owner is None and time.time() - _mtime(claim) < STALE_CLAIM_SECONDS:
-            time.sleep(0.1)  # just created, its process id not written yet
-            continue
-        if owner is None or not _alive(owner):
-            log.warning("%s: the process that claimed it (%s) is gone; running it here.", stage.name, owner)
-            claim.unlink(missing_ok=True)
-            continue
-        if not waiting:
-            log.warning("%s: process %d is running it (%s); waiting for it.", stage.name, owner, claim)
-            waiting = True
-        time.sleep(poll_seconds)
-    try:
-        yield not exists(stage.output)
-    finally:
-        claim.unlink(missing_ok=True)
-
-
-STALE_CLAIM_SECONDS = 60.0
-"""A claim file still without a process id after this long was left by a process that died creating it."""
-
-
-def _take(claim: Path) -> bool:
-    try:
-        descriptor = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(str(os.getpid()))
-    return True
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
-def _claim_owner(claim: Path) -> int | None:
-    try:
-        return int(claim.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
 
 
 def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Path,
