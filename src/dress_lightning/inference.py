@@ -16,24 +16,49 @@ from dress_lightning.checkpoints import UnsafeCheckpointError, load_checkpoint
 from dress_lightning.conditions import ConditionSettings
 from dress_lightning.pretrained import CONFIG_FILE, exported_model_config, load_exported_model, read_export_config
 from dress_lightning.tasks import GenerationSettings, VisionLanguageTask
+from dress_lightning.tasks.base import FROZEN_FROM_INIT_KEY
 
 
 def load_task(checkpoint: str, map_location: str = "cpu") -> VisionLanguageTask:
     """Rebuild the task a LightningCLI checkpoint came from (its class, config and trained weights), in eval mode.
 
-    Checkpoints hold only what trained; the rest is rebuilt from the saved config (and the
-    task's ``init_checkpoint``, which must still exist), so missing frozen keys are expected. A folder
+    Checkpoints hold only what trained; the rest is rebuilt from the saved config (and the task's
+    ``init_checkpoint``, needed only where frozen weights came from it), so missing frozen keys are expected. A folder
     written by ``dress-lightning export`` is loaded from its safetensors instead. A checkpoint file is read
     with ``weights_only=True`` and its task class must be one of the project's (``task_classes``): a crafted
     checkpoint is refused before anything in it runs.
     """
     if Path(checkpoint).is_dir():
         return load_exported_task(checkpoint).to(map_location)
-    task_class = task_class_of(load_checkpoint(checkpoint), checkpoint)
+    contents = load_checkpoint(checkpoint)
+    task_class = task_class_of(contents, checkpoint)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-        task = task_class.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
+        task = task_class.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True,
+                                               **_without_a_gone_init_checkpoint(contents, checkpoint))
     return task.eval()
+
+
+def _without_a_gone_init_checkpoint(contents: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """``init_checkpoint=None`` when the checkpoint's init checkpoint is gone and nothing frozen came from it.
+
+    A checkpoint holds what trained; its frozen weights come from the config, and from its init checkpoint
+    only where that provided frozen tensors (``FROZEN_FROM_INIT_KEY`` lists them). Then the init checkpoint
+    must still be there; otherwise a checkpoint moved to another directory or machine loads on its own.
+    """
+    init = contents.get("hyper_parameters", {}).get("init_checkpoint")
+    if init is None or Path(init).exists():
+        return {}
+    frozen = contents.get(FROZEN_FROM_INIT_KEY)
+    if frozen == []:
+        return {"init_checkpoint": None}
+    which = "an unrecorded number of" if frozen is None else f"{len(frozen)}"
+    raise FileNotFoundError(
+        f"{str(path)!r} was trained from init_checkpoint {init!r}, which does not exist (relative paths are read "
+        f"from the current directory), and {which} frozen tensor(s) of the model come from it, not from this "
+        "checkpoint. Run from the directory it was trained in, put the init checkpoint back at that path, or "
+        "`export` the model where both exist (an export holds every weight)."
+    )
 
 
 def load_exported_task(path: str | Path):

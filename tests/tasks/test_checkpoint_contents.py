@@ -40,3 +40,40 @@ def test_unresized_frozen_embeddings_are_not_kept():
     task.configure_model()
     assert not task.model.resized_embeddings
     assert not any("embed_tokens" in k for k in _kept(task))
+
+
+def _fit_from(init, out, *overrides):
+    from conftest import ROOT
+
+    from dress_lightning.cli import main
+
+    assert main(["fit", "-c", str(ROOT / "configs/sft.yaml"), "-c", str(ROOT / "configs/overlays/ci_tiny.yaml"),
+                 "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+                 "--trainer.default_root_dir", str(out), "--trainer.callbacks.init_args.dirpath", str(out),
+                 "--data.init_args.train_shards", str(out.parent / "train"),
+                 "--data.init_args.val_shards", str(out.parent / "val"),
+                 "--model.init_args.init_checkpoint", str(init), *overrides]) == 0
+    return out / "last.ckpt"
+
+
+def test_a_checkpoint_loads_without_its_init_checkpoint_unless_frozen_weights_came_from_it(policy_checkpoint,
+                                                                                             tmp_path):
+    """Moved to another machine, a checkpoint needs its init checkpoint only for the frozen tensors it took from it."""
+    import shutil
+
+    import pytest
+    import torch
+
+    from dress_lightning.inference import load_task
+
+    init = tmp_path / "init.ckpt"
+    shutil.copy(policy_checkpoint, init)
+    trained = _fit_from(init, tmp_path / "all-trained")  # everything the init checkpoint set trains on
+    frozen = _fit_from(init, tmp_path / "projector-frozen", "--model.init_args.model.freeze_projector", "true")
+    before = load_task(str(trained)).state_dict()
+
+    init.rename(tmp_path / "moved.ckpt")
+    after = load_task(str(trained)).state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(FileNotFoundError, match=r"init\.ckpt.*2 frozen tensor\(s\) of the model come from it"):
+        load_task(str(frozen))  # the frozen projector (weight and bias) was the init checkpoint's

@@ -26,6 +26,10 @@ _RANDOM_TOWERS_ANNOUNCED: set[str] = set()
 """Vision towers whose random weights this process has told the user about (once each, not per build)."""
 
 
+FROZEN_FROM_INIT_KEY = "dress_lightning_frozen_from_init_checkpoint"
+"""Checkpoint entry: the frozen tensors this task took from its ``init_checkpoint`` (not in the checkpoint)."""
+
+
 @dataclass
 class LoraSettings:
     """LoRA adapters on the language model (via peft); the LM's own weights stay frozen."""
@@ -95,6 +99,7 @@ class VisionLanguageTask(L.LightningModule):
         self.tokenizer = None
         self.feature_cache: VisionFeatureCache | None = None
         self._last_step_time: float | None = None
+        self._frozen_from_init: list[str] = []
 
     # -- building -----------------------------------------------------------------------------
 
@@ -150,6 +155,10 @@ class VisionLanguageTask(L.LightningModule):
                 f"init_checkpoint {path!r} holds {len(result.unexpected_keys)} tensor(s) this model does not have "
                 f"(e.g. {result.unexpected_keys[:3]}): was it trained with another model config?"
             )
+        # The weights our checkpoints will not hold (they keep what trains): while this list is empty,
+        # a checkpoint of this task loads without its init checkpoint (inference.load_task).
+        self._frozen_from_init = sorted(name for name, p in self.named_parameters() if not p.requires_grad
+                                        and name in state)
         log.info("Initialised from %s (%d tensors; %d trainable tensors start fresh).",
                  path, len(state), len(missing_trainable))
 
@@ -304,3 +313,4 @@ class VisionLanguageTask(L.LightningModule):
             embeddings = {id(m.weight) for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None}
             keep |= {name for name, p in self.named_parameters() if id(p) in embeddings}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[FROZEN_FROM_INIT_KEY] = list(self._frozen_from_init)
