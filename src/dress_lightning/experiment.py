@@ -101,7 +101,8 @@ ARMS: dict[str, Arm] = {
 }
 """Every arm, in table order."""
 
-MAIN_ARMS = ("sft", "sft_control", "crl")
+MAIN_ARMS = ("sft", "sft_control", "crl", "crl_reference", "rft", "dpo")
+"""The arms of the reported table (README, ``bench/results/shapeworld_reproduction.*``): the default of ``--arms``."""
 STEERING_CONDITIONS = ("low", "none")
 """Conditions a conditioned arm is also evaluated under, beside its target (``conditions.condition_for``)."""
 COMMANDS = ("fit", "rollout", "evaluate")

@@ -148,3 +148,19 @@ def test_pipe_urls_and_brace_patterns(datamodule, shard_dir):
     pattern = str(shard_dir / "shapeworld-train-{000000..000001}.tar")
     dm = ShardDataModule(val_shards=pattern, batch_size=4, num_workers=0)
     assert len(_ids(dm.val_dataloader())) == 2 * SHARD_SIZE
+
+
+def test_the_data_order_follows_the_run_seed_unless_set(shard_dir, monkeypatch):
+    """``fit --seed_everything 1`` draws another order than seed 0 (the experiment's seeds vary SFT training too)."""
+
+    def order(**kwargs):
+        dm = ShardDataModule(train_shards=str(shard_dir), batch_size=4, num_workers=0, **kwargs)
+        dm.setup()
+        return _ids(dm.train_dataloader())
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    run_seed_0 = order()
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    run_seed_1 = order()
+    assert sorted(run_seed_0) == sorted(run_seed_1) and run_seed_0 != run_seed_1
+    assert order(seed=0) == run_seed_0  # an explicit data seed wins over the run's

@@ -92,5 +92,5 @@ class CaptionPairDataModule(ShardDataModule):
 
     def make_encoder(self, formatter: ConversationFormatter, image_transform: Callable) -> SampleEncoder:
         tokenizer = open_clip.get_tokenizer(self.model_config.vision_model)
-        return CaptionPairEncoder(formatter, image_transform, tokenizer, seed=self.seed,
+        return CaptionPairEncoder(formatter, image_transform, tokenizer, seed=self.data_seed,
                                   hard_negatives=self.hard_negatives)

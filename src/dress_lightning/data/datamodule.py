@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,7 +50,7 @@ class ShardDataModule(L.LightningDataModule):
         epoch_length: int | None = None,
         group_by_length: int = 0,
         pad_to_multiple_of: int = 8,
-        seed: int = 0,
+        seed: int | None = None,
         train_shapeworld: ShapeWorldShards | None = None,
         val_shapeworld: ShapeWorldShards | None = None,
         predict_shapeworld: ShapeWorldShards | None = None,
@@ -74,7 +75,8 @@ class ShardDataModule(L.LightningDataModule):
             epoch_length: Samples per epoch over all ranks in resampled mode.
             group_by_length: Sort this many batches' worth of samples by length before batching (0: off).
             pad_to_multiple_of: Round padded lengths up to a multiple of this (tensor-core friendly).
-            seed: Base seed of shard order, sample shuffle and resampling.
+            seed: Base seed of shard order, sample shuffle and resampling; None: the run's ``seed_everything``
+                (so ``fit --seed_everything 1`` also draws another data order; 0 when no run seed is set).
             train_shapeworld: Generate ShapeWorld shards into ``train_shards`` (a directory) if it has none.
             val_shapeworld: Generate ShapeWorld shards into ``val_shards`` (a directory) if it has none.
             predict_shapeworld: Generate ShapeWorld shards into ``predict_shards`` (a directory) if it has none.
@@ -147,6 +149,11 @@ class ShardDataModule(L.LightningDataModule):
         )
         self.encoder = self.make_encoder(formatter, spec.image_transform)
 
+    @property
+    def data_seed(self) -> int:
+        """``seed``, or the run's global seed (``seed_everything`` sets ``PL_GLOBAL_SEED``) when it is None."""
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def make_encoder(self, formatter: ConversationFormatter, image_transform: Callable) -> SampleEncoder:
         """The per-sample encoder; tasks that condition on feedback override this."""
         return ENCODERS[self.sample_format](formatter, image_transform)
@@ -187,7 +194,7 @@ class ShardDataModule(L.LightningDataModule):
         batches_per_worker = None
         if resampled:
             batches_per_worker = math.ceil(self.epoch_length / (readers * self.batch_size))
-        position = StreamPosition(rank=rank, world_size=world_size, seed=self.seed)
+        position = StreamPosition(rank=rank, world_size=world_size, seed=self.data_seed)
         pipeline = build_pipeline(
             sources,
             position,
