@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=Decoding.top_p)
     parser.add_argument("--guidance-scale", type=float, default=Decoding.guidance_scale,
                         help="Classifier-free guidance: l_u + g * (l_c - l_u) of the condition and the negative one; "
-                             "1: off. Needs a model trained with condition dropout (CRL `condition.dropout`).")
+                             "1: off. Against `none` it needs a model trained with condition dropout "
+                             "(CRL `condition.dropout`).")
     parser.add_argument("--negative-condition", default=Decoding.negative_condition,
                         help=f"What guidance steers away from: `{NO_CONDITION}`, `low` or condition text.")
     return parser

@@ -17,16 +17,17 @@ options) and overrides that hold the plumbing (the seed, where it writes, what i
 stage whose output exists is skipped, so an interrupted experiment resumes where it stopped;
 ``--dry-run`` prints the commands. Several processes may share a run directory (e.g. one seed per core,
 or the arms of one seed split over cores): a stage being run is claimed by a ``{output}.running`` file
-holding the runner's process id, and another process that reaches it waits for it to finish instead of
-running it twice (a claim whose process is gone is taken over). Each seed draws its own SFT training order, rollout samples and
-CRL order from ``seed_everything`` / the rollout seed; the evaluation prompts are the same for
-every seed and arm (fixed shards), so arms are compared paired, prompt by prompt.
+holding the runner's process id (``atomic.claim``), and another process that reaches it waits for it
+instead of running it twice (a claim whose process is gone is taken over). Each seed draws its own
+training data order (``seed_everything``, which the data modules follow), rollout samples (the rollout
+seed) and evaluation sampling; the evaluation prompts are the same for every seed and arm (fixed
+shards), so arms are compared paired, prompt by prompt.
 
 ``summarize`` reads every evaluation's ``responses.jsonl`` and writes one JSON object: one object per
 arm (its name as the key) with the mean over seeds of each headline key, ``per_seed``, ``ci95``
-(bootstrap over seeds and prompts, ``evaluation.intervals``) and ``seeds``; ``comparisons`` (each arm minus the SFT control and minus
-CRL, paired); ``diagnostics`` (steerability, grounding per arm, the feedback data of each seed's rollout);
-and the stage wall times.
+(bootstrap over seeds and prompts, ``evaluation.intervals``) and ``seeds``; ``comparisons`` (each arm
+minus the SFT control and minus CRL, paired); ``diagnostics`` (steerability, grounding per arm, the
+feedback data of each seed's rollout); the stage wall times; ``provenance``.
 """
 
 from __future__ import annotations
