@@ -4,7 +4,8 @@ Same dims and weights (the reference gets ours, copied), same batches, fp32, Ada
 on the same trainable set: projector + language model (vision tower frozen, as in configs/sft.yaml); no
 gradient clipping on either side. Rounds alternate which side runs first; the first steps of each round are
 warm-up and not timed. Then, on real variable-length ShapeWorld batches, padding waste with and without
-length grouping and the throughput each gives.
+length grouping and the throughput each gives; and ours on the same batches packed padding-free
+(``data.pack_sequences``, rows of about ``--pack-lengths`` tokens) against HF on them padded.
 
     flock /tmp/dress-cpu.lock python bench/train_throughput.py --json bench/results/train_throughput.json
 """
@@ -17,6 +18,7 @@ from itertools import islice
 
 import torch
 from common import (
+    MODEL_KEYS,
     build_llava_reference,
     ensure_shapeworld,
     fixed_length_batches,
@@ -41,22 +43,31 @@ def adamw(params):
     return torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
 
 
-def shapeworld_batches(directory: str, config: VisionLanguageConfig, batch_size: int, count: int, group: int):
+def shapeworld_batches(directory: str, config: VisionLanguageConfig, batch_size: int, count: int, group: int,
+                       pack_length: int | None = None) -> list[dict]:
+    """The first ``count`` training batches (the same samples for any ``pack_length``: packing follows batching)."""
     dm = ShardDataModule(train_shards=directory, model=config, batch_size=batch_size, num_workers=0,
-                         group_by_length=group, max_length=384)
+                         group_by_length=group, max_length=384, pack_sequences=pack_length is not None,
+                         pack_length=pack_length)
     dm.setup()
-    return [model_batch(b) for b in islice(dm.train_dataloader(), count)]
+    keys = (*MODEL_KEYS, "position_ids", "images_per_row") if pack_length else MODEL_KEYS
+    return [{k: b[k] for k in keys} | {"ids": b["ids"]} for b in islice(dm.train_dataloader(), count)]
 
 
-def compare(task, reference, ref_optimizer, batches, warmup: int, repeats: int) -> dict[str, dict]:
-    """Interleaved rounds; per round: real tokens / s and samples / s over the timed steps, and step times."""
+def compare(task, reference, ref_optimizer, batches, warmup: int, repeats: int,
+            reference_batches: list[dict] | None = None) -> dict[str, dict]:
+    """Interleaved rounds; per round: real tokens / s and samples / s over the timed steps, and step times.
+
+    ``reference_batches`` (default: ``batches``) are the same samples laid out for HF (padded, when ours are packed).
+    """
+    reference_batches = [model_batch(b) for b in (reference_batches or batches)]
     timed = batches[warmup:]
     tokens = sum(int(b["attention_mask"].sum()) for b in timed)
     padded = sum(b["input_ids"].numel() for b in timed)
-    samples = sum(b["input_ids"].shape[0] for b in timed)
+    samples = sum(b["pixel_values"].shape[0] for b in timed)
     runs = {
         "ours_lightning": lambda: lightning_fit_times(task, batches)[warmup:],
-        "hf_llava_plain_loop": lambda: plain_loop_times(reference, ref_optimizer, batches)[warmup:],
+        "hf_llava_plain_loop": lambda: plain_loop_times(reference, ref_optimizer, reference_batches)[warmup:],
     }
     rounds: dict[str, list[list[float]]] = {name: [] for name in runs}
     for r in range(repeats):
@@ -75,9 +86,10 @@ def compare(task, reference, ref_optimizer, batches, warmup: int, repeats: int) 
     out["paired_speedup"] = median(
         [h / o for h, o in zip(per_batch["hf_llava_plain_loop"], per_batch["ours_lightning"])]
     )
-    out["padding_waste"] = 1 - tokens / padded
+    out["padding_waste"] = 1 - tokens / padded  # of our batches
     out["real_tokens"] = tokens
     out["padded_tokens"] = padded
+    out["reference_padded_tokens"] = sum(b["input_ids"].numel() for b in reference_batches[warmup:])
     return out
 
 
@@ -90,6 +102,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per side (interleaved)")
     parser.add_argument("--shapeworld-dir", default="/tmp/dress-bench/shapeworld-train")
     parser.add_argument("--shapeworld-batches", type=int, default=8, help="0 skips the variable-length part")
+    parser.add_argument("--pack-lengths", type=int, nargs="*", default=[288, 512],
+                        help="data.pack_length values to time packed ShapeWorld batches with (none: skip)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -123,6 +137,14 @@ def main() -> None:
             results[f"shapeworld_group_by_length_{group}"] = compare(
                 task, reference, ref_optimizer, batches, args.warmup, args.repeats
             )
+        padded = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, 0)
+        for length in args.pack_lengths:
+            packed = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, 0, length)
+            assert all(sorted(a["ids"]) == sorted(b["ids"]) for a, b in zip(packed, padded, strict=True))
+            results[f"shapeworld_packed_{length}"] = compare(
+                task, reference, ref_optimizer, packed[: args.warmup] + packed, args.warmup, args.repeats,
+                reference_batches=padded[: args.warmup] + padded,
+            )
 
     rows = []
     for part, r in results.items():
@@ -147,6 +169,10 @@ def main() -> None:
                                     "group_by_length_4": grouped["padding_waste"]}
         summary["length_grouping_gain"] = grouped["ours_lightning"]["tokens_per_s"] / \
             plain["ours_lightning"]["tokens_per_s"]
+        for length in args.pack_lengths:
+            packed = results[f"shapeworld_packed_{length}"]
+            summary["shapeworld_speedup_vs_hf"][f"packed_{length}"] = packed["paired_speedup"]
+            summary["padding_waste"][f"packed_{length}"] = packed["padding_waste"]
     print({k: v for k, v in summary.items()})
     write_json(args.json, {
         **summary,

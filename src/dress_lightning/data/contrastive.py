@@ -32,6 +32,8 @@ SHAPEWORLD_ATTRIBUTES = ("shape", "color", "size", "position")
 class CaptionPairEncoder(SampleEncoder):
     """Sample -> (pixel_values, caption tokens); a caption is drawn afresh at every visit of the sample."""
 
+    packable = False  # open_clip's text tower reads fixed-length rows, one caption each
+
     def __init__(self, formatter: ConversationFormatter, image_transform: Callable, text_tokenizer: Callable,
                  seed: int = 0, hard_negatives: bool = False) -> None:
         super().__init__(formatter, image_transform)

@@ -50,6 +50,8 @@ class ShardDataModule(L.LightningDataModule):
         epoch_length: int | None = None,
         group_by_length: int = 0,
         pad_to_multiple_of: int = 8,
+        pack_sequences: bool = False,
+        pack_length: int | None = None,
         seed: int | None = None,
         train_shapeworld: ShapeWorldShards | None = None,
         val_shapeworld: ShapeWorldShards | None = None,
@@ -75,6 +77,13 @@ class ShardDataModule(L.LightningDataModule):
             epoch_length: Samples per epoch over all ranks in resampled mode.
             group_by_length: Sort this many batches' worth of samples by length before batching (0: off).
             pad_to_multiple_of: Round padded lengths up to a multiple of this (tensor-core friendly).
+            pack_sequences: Padding-free batches: lay each batch's samples end to end in rows of about
+                ``pack_length`` tokens, attention within each sample only (``encoders.pack``). The samples and the
+                loss are the ones unpacked batches give; the padding positions are (nearly all) gone. Needs an LM
+                whose attention follows ``position_ids`` when no attention mask is given (transformers' Llama,
+                Qwen2, Mistral, ...).
+            pack_length: Tokens per packed row to aim for (None: ``max_length``). Attention runs over whole rows
+                (masked, not skipped, on CPU), so rows about twice a typical sample keep its cost while packing.
             seed: Base seed of shard order, sample shuffle and resampling; None: the run's ``seed_everything``
                 (so ``fit --seed_everything 1`` also draws another data order; 0 when no run seed is set).
             train_shapeworld: Generate ShapeWorld shards into ``train_shards`` (a directory) if it has none.
@@ -101,6 +110,8 @@ class ShardDataModule(L.LightningDataModule):
         self.epoch_length = epoch_length
         self.group_by_length = group_by_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pack_sequences = pack_sequences
+        self.pack_length = pack_length
         self.seed = seed
         self.train_shapeworld = train_shapeworld
         self.val_shapeworld = val_shapeworld
@@ -194,6 +205,11 @@ class ShardDataModule(L.LightningDataModule):
         batches_per_worker = None
         if resampled:
             batches_per_worker = math.ceil(self.epoch_length / (readers * self.batch_size))
+        if self.pack_sequences and not all(source.encoder.packable for source in sources):
+            raise ValueError(
+                f"data.init_args.pack_sequences: {type(self).__name__}'s batches cannot be packed (their rows are "
+                "paired or fixed-length); set pack_sequences: false"
+            )
         position = StreamPosition(rank=rank, world_size=world_size, seed=self.data_seed)
         pipeline = build_pipeline(
             sources,
@@ -205,6 +221,7 @@ class ShardDataModule(L.LightningDataModule):
             batches_per_worker=batches_per_worker,
             group_by_length=self.group_by_length if train else 0,
             pad_to_multiple_of=self.pad_to_multiple_of,
+            pack_length=(self.pack_length or self.max_length) if self.pack_sequences else None,
         )
         return EpochDataLoader(pipeline, position, self.skipped, require_batches=train, num_workers=self.num_workers)
 

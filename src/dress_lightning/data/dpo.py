@@ -108,6 +108,8 @@ def pair_sample(chosen: JudgedResponse, rejected: JudgedResponse, kind: str) -> 
 class PairEncoder(SampleEncoder):
     """A pair sample -> its chosen and rejected answers to the same prompt, each labelled on the answer only."""
 
+    packable = False  # the loss compares row i (chosen) with row B + i (rejected)
+
     def __call__(self, sample: Sample) -> dict[str, Any]:
         chosen = super().__call__(sample)
         conversation = sample.record["conversation"]

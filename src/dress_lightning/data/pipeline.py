@@ -289,8 +289,13 @@ def build_pipeline(
     batches_per_worker: int | None = None,
     group_by_length: int = 0,
     pad_to_multiple_of: int = 1,
+    pack_length: int | None = None,
 ) -> wds.DataPipeline:
-    """The WebDataset pipeline of one rank: encoded sample streams (mixed by weight if several) -> batches."""
+    """The WebDataset pipeline of one rank: encoded sample streams (mixed by weight if several) -> batches.
+
+    With ``pack_length`` each batch is laid out padding-free in rows of about that many tokens
+    (``SampleEncoder.pack``); None pads one sample per row.
+    """
     if len(sources) > 1 and not resampled:
         raise ValueError("Mixing several shard sets needs resampled=true (with an epoch_length).")
     skips = SkipCounter()
@@ -305,12 +310,15 @@ def build_pipeline(
         return mix_streams(streams, [source.weight for source in sources], position.rng("mix"))
 
     encoder = sources[0].encoder  # all encoders of a stream share the formatter, hence the collation
+
+    def make_batch(examples: list[dict]) -> dict:
+        if pack_length is not None:
+            return encoder.pack(examples, pack_length, pad_to_multiple_of)
+        return encoder.collate(examples, pad_to_multiple_of)
+
     pipeline = wds.DataPipeline(
         samples,
-        lambda src: batch_examples(
-            src, batch_size, lambda examples: encoder.collate(examples, pad_to_multiple_of), skips, position,
-            group_by_length,
-        ),
+        lambda src: batch_examples(src, batch_size, make_batch, skips, position, group_by_length),
     )
     if batches_per_worker is not None:
         pipeline = pipeline.with_epoch(nbatches=batches_per_worker)

@@ -56,11 +56,14 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        images_per_row: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings (B, T, D) with every ``<image>`` token replaced by a patch embedding.
+        """Token embeddings (R, T, D) with every ``<image>`` token replaced by a patch embedding.
 
         Images come as ``pixel_values`` (B, 3, H, W), or as the vision tower's patch features
         ``image_features`` (B, N, D_vision) precomputed for a frozen tower (``VisionFeatureCache``).
+        One image per row, or ``images_per_row`` (R,) in packed batches (several samples per row; the
+        images in row order, as ``encoders.pack`` lays them out).
         """
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass pixel_values or precomputed image_features, not both.")
@@ -69,14 +72,16 @@ class VisionLanguageModel(nn.Module):
         image_mask = input_ids == self.image_token_id  # (B, T)
         per_row = image_mask.sum(dim=1)
         num_images = 0 if images is None else images.shape[0]
-        # One image per sample, in batch order: every row must hold exactly N placeholders.
-        expected = torch.full_like(per_row, self.num_image_tokens if num_images else 0)
-        if num_images not in (0, input_ids.shape[0]) or not torch.equal(per_row, expected):
+        if images_per_row is None:
+            images_per_row = torch.full_like(per_row, 1 if num_images else 0)
+        # One image per sample, in batch order: every row must hold exactly N placeholders per image.
+        expected = images_per_row.to(per_row) * self.num_image_tokens
+        if num_images != int(images_per_row.sum()) or not torch.equal(per_row, expected):
             raise ImageTokenMismatchError(
-                f"Batch has {num_images} image(s) for {input_ids.shape[0]} sequence(s) whose <image> token counts are "
-                f"{per_row.tolist()}; each sequence needs exactly {self.num_image_tokens} (one image, expanded to "
-                "num_image_tokens). A sequence was probably truncated through its image or built without "
-                "expanding <image>; refusing to train on misaligned tokens."
+                f"Batch has {num_images} image(s) for {input_ids.shape[0]} row(s) holding {images_per_row.tolist()} "
+                f"sample(s) whose <image> token counts are {per_row.tolist()}; each sample needs exactly "
+                f"{self.num_image_tokens} (one image, expanded to num_image_tokens). A sequence was probably truncated "
+                "through its image or built without expanding <image>; refusing to train on misaligned tokens."
             )
         if num_images == 0:
             return embeds
@@ -97,13 +102,15 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        images_per_row: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Hugging Face style forward; ``loss`` is the mean next-token loss over ``labels`` != -100.
 
-        ``image_features`` (B, N, D_vision) replace ``pixel_values`` when a frozen tower's features were cached.
+        ``image_features`` (B, N, D_vision) replace ``pixel_values`` when a frozen tower's features were cached;
+        ``images_per_row`` (R,) is for packed rows (``embed``).
         """
-        inputs_embeds = self.embed(input_ids, pixel_values, image_features)
+        inputs_embeds = self.embed(input_ids, pixel_values, image_features, images_per_row)
         return self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )

@@ -30,6 +30,13 @@ FROZEN_FROM_INIT_KEY = "dress_lightning_frozen_from_init_checkpoint"
 """Checkpoint entry: the frozen tensors this task took from its ``init_checkpoint`` (not in the checkpoint)."""
 
 
+def samples_in(batch: dict[str, Any]) -> int:
+    """Samples in a batch: its rows, or more when packed rows hold several (``images_per_row``)."""
+    if "images_per_row" in batch:
+        return int(batch["images_per_row"].sum())
+    return batch["input_ids"].shape[0]
+
+
 @dataclass
 class LoraSettings:
     """LoRA adapters on the language model (via peft); the LM's own weights stay frozen."""
@@ -206,6 +213,11 @@ class VisionLanguageTask(L.LightningModule):
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The model's inputs from a batch; with the feature cache, cached vision features replace the pixels."""
         inputs = {k: batch[k] for k in MODEL_INPUTS}
+        if "position_ids" in batch:  # packed rows (data.pack_sequences): several samples per row
+            # Without an attention mask or a cache, transformers builds a block-diagonal causal mask from
+            # position_ids that restart at every sample, so no token attends across samples.
+            inputs.update(attention_mask=None, position_ids=batch["position_ids"],
+                          images_per_row=batch["images_per_row"], use_cache=False)
         if self.feature_cache is not None:
             if "image_ids" not in batch:
                 raise ValueError(
@@ -231,7 +243,7 @@ class VisionLanguageTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
-        batch_size = batch["input_ids"].shape[0]
+        batch_size = samples_in(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self._log_throughput(batch)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False, batch_size=batch_size)
@@ -252,12 +264,12 @@ class VisionLanguageTask(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=samples_in(batch))
         return loss
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log("test/loss", loss, sync_dist=True, batch_size=samples_in(batch))
         return loss
 
     def generation_condition(self) -> str | None:
