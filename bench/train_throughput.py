@@ -5,7 +5,9 @@ on the same trainable set: projector + language model (vision tower frozen, as i
 gradient clipping on either side. Rounds alternate which side runs first; the first steps of each round are
 warm-up and not timed. Then, on real variable-length ShapeWorld batches, padding waste with and without
 length grouping and the throughput each gives; and ours on the same batches packed padding-free
-(``data.pack_sequences``, rows of about ``--pack-lengths`` tokens) against HF on them padded.
+(``data.pack_sequences``, rows of about ``--pack-lengths`` tokens) against HF on them padded, uncompiled and
+with the language model compiled (``model.init_args.compile_language_model``; its compilation happens in the
+untimed warm-up steps).
 
     flock /tmp/dress-cpu.lock python bench/train_throughput.py --json bench/results/train_throughput.json
 """
@@ -89,7 +91,7 @@ def compare(task, reference, ref_optimizer, batches, warmup: int, repeats: int,
     out["padding_waste"] = 1 - tokens / padded  # of our batches
     out["real_tokens"] = tokens
     out["padded_tokens"] = padded
-    out["reference_padded_tokens"] = sum(b["input_ids"].numel() for b in reference_batches[warmup:])
+    out["reference_padding_waste"] = 1 - tokens / sum(b["input_ids"].numel() for b in reference_batches[warmup:])
     return out
 
 
@@ -127,7 +129,11 @@ def main() -> None:
         "ours": sum(p.numel() for p in ours.parameters() if p.requires_grad),
         "hf_llava": sum(p.numel() for p in reference.parameters() if p.requires_grad),
     }
-    results = {"fixed_length": compare(task, reference, ref_optimizer, fixed, args.warmup, args.repeats)}
+    compiled = SFTTask(model=config, optimizer=adamw, compile_language_model=True)
+    compiled.configure_model()
+    compiled.load_state_dict(task.state_dict())
+    results = {"fixed_length": compare(task, reference, ref_optimizer, fixed, args.warmup, args.repeats),
+               "fixed_length_compiled": compare(compiled, reference, ref_optimizer, fixed, args.warmup, args.repeats)}
 
     if args.shapeworld_batches:
         ensure_shapeworld(args.shapeworld_dir, samples=1000)
@@ -141,16 +147,17 @@ def main() -> None:
         for length in args.pack_lengths:
             packed = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, 0, length)
             assert all(sorted(a["ids"]) == sorted(b["ids"]) for a, b in zip(packed, padded, strict=True))
-            results[f"shapeworld_packed_{length}"] = compare(
-                task, reference, ref_optimizer, packed[: args.warmup] + packed, args.warmup, args.repeats,
-                reference_batches=padded[: args.warmup] + padded,
-            )
+            for name, ours_task in ((f"shapeworld_packed_{length}", task),
+                                    (f"shapeworld_packed_{length}_compiled", compiled)):
+                results[name] = compare(ours_task, reference, ref_optimizer, packed[: args.warmup] + packed,
+                                        args.warmup, args.repeats, reference_batches=padded[: args.warmup] + padded)
 
     rows = []
     for part, r in results.items():
         for side in ("ours_lightning", "hf_llava_plain_loop"):
+            ours = side == "ours_lightning"
             rows.append([part, side, r[side]["tokens_per_s"], r[side]["samples_per_s"], r[side]["median_step_s"],
-                         r["padding_waste"], r["paired_speedup"] if side == "ours_lightning" else ""])
+                         r["padding_waste" if ours else "reference_padding_waste"], r["paired_speedup"] if ours else ""])
     print(f"initial loss: ours {loss_ours:.6f}, HF LLaVA {loss_ref:.6f}; trainable params {trainable}")
     print_table(["batches", "side", "tokens/s", "samples/s", "median step s", "padding waste", "x HF (paired)"],
                 rows)
@@ -159,7 +166,8 @@ def main() -> None:
                "speedup_is": "ours tokens/s / HF tokens/s on fixed-length batches: median over batches of the "
                              "HF / ours step time of the same batch (each the median over rounds)",
                "round_speedup": results["fixed_length"]["ours_lightning"]["tokens_per_s"]
-               / results["fixed_length"]["hf_llava_plain_loop"]["tokens_per_s"]}
+               / results["fixed_length"]["hf_llava_plain_loop"]["tokens_per_s"],
+               "fixed_length_compiled_speedup": results["fixed_length_compiled"]["paired_speedup"]}
     if args.shapeworld_batches:
         plain, grouped = results["shapeworld_group_by_length_0"], results["shapeworld_group_by_length_4"]
         summary["shapeworld_speedup_vs_hf"] = {
@@ -172,6 +180,8 @@ def main() -> None:
         for length in args.pack_lengths:
             packed = results[f"shapeworld_packed_{length}"]
             summary["shapeworld_speedup_vs_hf"][f"packed_{length}"] = packed["paired_speedup"]
+            summary["shapeworld_speedup_vs_hf"][f"packed_{length}_compiled"] = \
+                results[f"shapeworld_packed_{length}_compiled"]["paired_speedup"]
             summary["padding_waste"][f"packed_{length}"] = packed["padding_waste"]
     print({k: v for k, v in summary.items()})
     write_json(args.json, {
