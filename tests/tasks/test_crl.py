@@ -110,6 +110,18 @@ def test_loss_covers_exactly_the_selected_responses(formatter, turns, expected):
     assert ("There are two circles.</s>" in text) == (turns.refinement and turns.max_turns >= 3)
 
 
+def test_examples_end_at_their_last_trained_token(formatter):
+    """A refinement that did not improve carries no loss; it and everything after it cannot change the loss."""
+    spec = describe_vision_tower("dress-tiny-vit")
+    encoder = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(),
+                                 TurnSelection(max_turns=2, keep_refined="improved"))
+    encoded = encoder(TRAJECTORY)
+    trained, text = _trained_responses(formatter, encoder, TRAJECTORY)
+    assert trained == ["There are three circles.</s>"]
+    assert text.endswith("There are three circles.</s>") and "four circles" not in text
+    assert encoded["labels"][-1] != IGNORE_INDEX and len(encoded["labels"]) == len(encoded["input_ids"])
+
+
 def test_sft_samples_get_the_target_condition_on_every_turn(formatter):
     spec = describe_vision_tower("dress-tiny-vit")
     encoder = ConditionedEncoder(formatter, spec.image_transform, ConditionSettings(), TurnSelection())
