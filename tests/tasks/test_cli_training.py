@@ -212,3 +212,10 @@ def test_progress_bar_can_be_turned_off(tmp_path):
     main(["fit", *_fit_args("sft.yaml", tmp_path, "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "1",
                             "--trainer.limit_val_batches", "0")])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_null_on_the_command_line_means_none(tmp_path):
+    """jsonargparse reads a dotted ``null`` inside init_args as the string "None"; the config reads it as None."""
+    main(["fit", *_fit_args("sft.yaml", tmp_path, "--model.init_args.model.vision_pretrained", "null",
+                            "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -51,6 +51,13 @@ class VisionLanguageConfig:
     """Special tokens added to the tokenizer (with new embedding rows), e.g. the reserved condition tokens of
     conditional RL (``conditions.condition_tokens``); set by the task that needs them."""
 
+    def __post_init__(self) -> None:
+        # jsonargparse (4.53) turns a dotted command-line ``null`` inside a subclass's init_args into the string
+        # "None" (``--model.init_args.model.vision_pretrained null``); YAML and JSON give None. Read it as meant.
+        for name in ("vision_pretrained", "tokenizer", "attn_implementation"):
+            if getattr(self, name) == "None":
+                setattr(self, name, None)
+
 
 @dataclass(frozen=True)
 class ParameterReport:
