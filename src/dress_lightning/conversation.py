@@ -44,6 +44,10 @@ class ConversationFormatError(ValueError):
     """A conversation cannot be rendered and masked safely; the message says why."""
 
 
+class PromptTooLongError(ConversationFormatError):
+    """A generation prompt does not fit ``max_length``."""
+
+
 @dataclass(frozen=True)
 class Rendered:
     """Template output: the text and the character spans that carry loss, one per assistant turn."""
@@ -306,5 +310,5 @@ class ConversationFormatter:
             text += self.template.condition_prefix(pending.condition)
         input_ids, _ = self._tokenize(Rendered(text, []))
         if len(input_ids) > self.max_length:
-            raise ConversationFormatError(f"Prompt of {len(input_ids)} tokens exceeds max_length={self.max_length}.")
+            raise PromptTooLongError(f"Prompt of {len(input_ids)} tokens exceeds max_length={self.max_length}.")
         return input_ids

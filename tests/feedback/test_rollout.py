@@ -93,3 +93,20 @@ def test_two_ranks_write_their_own_shards(policy_checkpoint, tmp_path):
         prompts_by_rank.append({s.record["provenance"]["prompt_id"] for s in iter_samples(shards, SkipLog())})
         assert json.loads((tmp_path / "nlf" / f"summary-rank{rank}.json").read_text())["samples"] == 2
     assert all(prompts_by_rank) and not prompts_by_rank[0] & prompts_by_rank[1]
+
+
+def test_trajectories_outgrowing_max_length_end_at_their_last_answer(policy_checkpoint, tmp_path):
+    """A refinement prompt longer than max_length ends the trajectory (counted) instead of failing the rollout."""
+    summary = _rollout(policy_checkpoint, tmp_path, "--max_length", "128")  # first prompts: 105-115 tokens
+    samples = list(iter_samples(expand_shard_urls([str(tmp_path / "nlf")]), SkipLog()))
+    assert len(samples) == PROMPTS * NUM_SAMPLES
+    ended = summary["runs"][-1]["ended_at_max_length"]
+    assert ended > 0
+    # An ended trajectory stops at a judged answer whose feedback offers no next turn, as a perfect one does.
+    last_without_refinement = [s for s in samples if s.record["feedback"][-1].get("refinement") is None]
+    assert len(last_without_refinement) == len(samples)
+    with_refinement_turns = sum(len(s.record["feedback"]) > 1 for s in samples)
+    unlimited = _rollout(policy_checkpoint, tmp_path / "unlimited")
+    assert with_refinement_turns < sum(len(s.record["feedback"]) > 1 for s in iter_samples(
+        expand_shard_urls([str(tmp_path / "unlimited" / "nlf")]), SkipLog()))
+    assert unlimited["runs"][-1]["ended_at_max_length"] == 0

@@ -65,6 +65,8 @@ class PredictJob:
     """Prompts per generation batch on each rank."""
     num_workers: int = 1
     """Prompt loader workers per rank."""
+    max_length: int = 512
+    """Token budget of a prompt (multi-turn ones included); a trajectory whose next prompt outgrows it ends."""
     judge: Judge | None = None
     """The judge (class_path + init_args); None: the exact annotation judge."""
     seed: int = 0
@@ -97,6 +99,7 @@ class PredictJob:
             model=policy.model_config,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
+            max_length=self.max_length,
         )
         datamodule.prepare_data()
         datamodule.setup()

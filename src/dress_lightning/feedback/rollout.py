@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from dress_lightning.aspects import ASPECTS
 from dress_lightning.atomic import PARTIAL_SUFFIX, atomic_write_text, commit, crash_point, partial_path
 from dress_lightning.conditions import condition_for
-from dress_lightning.conversation import FORMAT_VERSION, ConversationFormatter
+from dress_lightning.conversation import FORMAT_VERSION, ConversationFormatter, PromptTooLongError
 from dress_lightning.data.encoders import left_pad
 from dress_lightning.data.schema import Sample, Turn, encode_sample, validate_sample
 from dress_lightning.data.shards import SHARD_MTIME, SHARD_SUFFIX, iter_samples
@@ -107,6 +107,13 @@ class RolloutModule(L.LightningModule):
             if isinstance(result, JudgeFailure):
                 trajectory.failures.append(result.reason)
                 self.stats["judge failures"] += 1
+                continue
+            try:  # the policy answers next under its own condition: that prompt must fit max_length
+                self.formatter.encode_prompt([*trajectory.conversation, {"role": "user", "content": result}],
+                                             self.condition)
+            except PromptTooLongError:
+                # The trajectory ends at its last judged answer, as one whose feedback was perfect does.
+                self.stats["ended at max_length"] += 1
                 continue
             trajectory.feedback[-1]["refinement"] = result
             trajectory.conversation.append({"role": "user", "content": result})
@@ -350,6 +357,7 @@ def run_record(writer: NLFShardWriter, module: RolloutModule, judge: Judge, skip
         "trajectories": module.stats["trajectories"],
         "judge": {"name": judge.name, "version": judge.version, **judge.stats()},
         "judge_failures": module.stats["judge failures"],
+        "ended_at_max_length": module.stats["ended at max_length"],
         "skipped_prompts": skipped_prompts,
     }
 
