@@ -8,8 +8,7 @@ refinement turns, 30% SFT data, batch 16, length grouping 4), each padded and pa
 batch run interleaved, round after round, and each figure is a median over rounds. ``speedup`` = the padded CRL
 step's seconds per real token / the packed CRL step's; the target is CRL per real token at most SFT's.
 
-    flock /tmp/dress-cpu.lock python bench/crl_step_cost.py --nlf-shards runs/repro/seed0/nlf \\
-        --json bench/results/crl_step_cost.json
+    flock /tmp/dress-cpu.lock python bench/crl_step_cost.py --json bench/results/crl_step_cost.json
 """
 
 from __future__ import annotations
@@ -44,7 +43,8 @@ def step_seconds(task: CRLTask, optimizer: torch.optim.Optimizer, batch: dict) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nlf-shards", default="runs/repro/seed0/nlf", help="judged rollout shards (a rollout's --out)")
+    parser.add_argument("--nlf-shards", default="data/shards/nlf/shapeworld",
+                        help="judged rollout shards (a rollout's --out; default: the main job's)")
     parser.add_argument("--sft-shards", default="data/shards/shapeworld/train")
     parser.add_argument("--batches", type=int, default=8, help="batches of each kind, each timed once per round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds")

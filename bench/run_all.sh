@@ -10,6 +10,7 @@ LOCK=(flock /tmp/dress-cpu.lock)
 checkpoint=(${1:+--checkpoint "$1"})
 "${LOCK[@]}" python bench/generation_throughput.py "${checkpoint[@]}" --json bench/results/generation_throughput.json
 "${LOCK[@]}" python bench/train_throughput.py --json bench/results/train_throughput.json
+"${LOCK[@]}" python bench/crl_step_cost.py --json bench/results/crl_step_cost.json   # reads the main job's NLF shards
 "${LOCK[@]}" python bench/train_step_profile.py --profile --json bench/results/train_step_profile.json
 "${LOCK[@]}" python bench/data_throughput.py --json bench/results/data_throughput.json
 "${LOCK[@]}" python bench/utilization.py --profile --json bench/results/utilization.json
