@@ -94,23 +94,24 @@ class RolloutModule(L.LightningModule):
                 trajectory.feedback.append(to_feedback(result, self.judge))
             crash_point("rollout.judging")
 
-    def _refine(self, trajectories: Sequence[Trajectory]) -> list[Trajectory]:
-        """Attach refinement NLF to each imperfect trajectory (concurrently); return those that continue."""
+    def _refine(self, trajectories: Sequence[Trajectory]) -> tuple[list[Trajectory], list[list[int]]]:
+        """Attach refinement NLF to each imperfect trajectory (concurrently); return those that continue and
+        the prompts the policy answers them with."""
         imperfect = [t for t in trajectories if t.feedback[-1] is not None and not t.last_critique_perfect]
         items = [
             (t.sample.record["annotations"], t.conversation[:-1], t.conversation[-1]["content"],
              Critique(scores=t.feedback[-1]["scores"], text=t.feedback[-1]["critique"]))
             for t in imperfect
         ]
-        active = []
+        active, prompts = [], []
         for trajectory, result in zip(imperfect, self.judge.refine_many(items)):
             if isinstance(result, JudgeFailure):
                 trajectory.failures.append(result.reason)
                 self.stats["judge failures"] += 1
                 continue
             try:  # the policy answers next under its own condition: that prompt must fit max_length
-                self.formatter.encode_prompt([*trajectory.conversation, {"role": "user", "content": result}],
-                                             self.condition)
+                prompt = self.formatter.encode_prompt([*trajectory.conversation, {"role": "user", "content": result}],
+                                                      self.condition)
             except PromptTooLongError:
                 # The trajectory ends at its last judged answer, as one whose feedback was perfect does.
                 self.stats["ended at max_length"] += 1
@@ -118,11 +119,12 @@ class RolloutModule(L.LightningModule):
             trajectory.feedback[-1]["refinement"] = result
             trajectory.conversation.append({"role": "user", "content": result})
             active.append(trajectory)
-        return active
+            prompts.append(prompt)
+        return active, prompts
 
-    def _answer(self, trajectories: Sequence[Trajectory], pixel_values: dict[str, torch.Tensor]) -> None:
-        """Let the policy answer each trajectory's latest user turn (one batched generation)."""
-        prompts = [self.formatter.encode_prompt(t.conversation, self.condition) for t in trajectories]
+    def _answer(self, trajectories: Sequence[Trajectory], prompts: Sequence[list[int]],
+                pixel_values: dict[str, torch.Tensor]) -> None:
+        """Let the policy answer each trajectory's latest user turn from its ``prompts`` (one batched generation)."""
         input_ids, attention_mask = left_pad(prompts, self.formatter.tokenizer.pad_token_id)
         batch = {
             "input_ids": input_ids.to(self.device),
@@ -158,10 +160,10 @@ class RolloutModule(L.LightningModule):
         self._judge(trajectories)
         active = trajectories
         for _ in range(self.refinement_turns):
-            active = self._refine(active)
+            active, prompts = self._refine(active)
             if not active:
                 break
-            self._answer(active, pixel_values)
+            self._answer(active, prompts, pixel_values)
             crash_point("rollout.refinement_answered")
             self._judge(active)
         self.stats["trajectories"] += len(trajectories)
