@@ -54,15 +54,22 @@ def describe_fit(trainer, pl_module, seconds: float) -> str:
     losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("/loss")}
     if losses:
         lines.append("  last " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(losses.items())))
-    if saved:
-        lines += [
-            "Next:",
-            f"  python -m dress_lightning evaluate -c configs/eval.yaml --checkpoint {saved} --out runs/eval/{Path(saved).parent.parent.name}",
-            f"  python -m dress_lightning chat --checkpoint {saved} --shapeworld 0 --judge",
-            f"  python -m dress_lightning demo --checkpoint {saved}",
-            f"  python -m dress_lightning export --checkpoint {saved} --out {Path(saved).parent.parent / 'export'}",
-        ]
+    next_commands = getattr(pl_module, "next_commands", model_next_commands)
+    commands = next_commands(saved) if saved else []
+    if commands:
+        lines += ["Next:", *(f"  {command}" for command in commands)]
     return "\n".join(lines)
+
+
+def model_next_commands(checkpoint: str) -> list[str]:
+    """What to do with a vision-language checkpoint: evaluate it, talk to it, serve it, export it."""
+    run = Path(checkpoint).parent.parent
+    return [
+        f"python -m dress_lightning evaluate -c configs/eval.yaml --checkpoint {checkpoint} --out runs/eval/{run.name}",
+        f"python -m dress_lightning chat --checkpoint {checkpoint} --shapeworld 0 --judge",
+        f"python -m dress_lightning demo --checkpoint {checkpoint}",
+        f"python -m dress_lightning export --checkpoint {checkpoint} --out {run / 'export'}",
+    ]
 
 
 def describe_rollout(summary: dict[str, Any]) -> str:

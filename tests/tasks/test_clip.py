@@ -11,6 +11,7 @@ import torch
 
 from dress_lightning.cli import main
 from dress_lightning.models.vision import build_vision_tower
+from dress_lightning.tasks import ContrastiveTowerTask
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,3 +65,12 @@ def test_export_is_the_tower_the_later_stages_load(clip_run):
     assert torch.equal(tower(images), expected)
     assert not torch.allclose(random(images), expected)
     assert (clip_run / "tower.json").is_file()
+
+
+def test_the_summary_after_the_clip_stage_points_at_the_tower_not_at_chat():
+    task = ContrastiveTowerTask(export_path="runs/clip/tower.safetensors")
+    commands = task.next_commands("runs/clip/checkpoints/last.ckpt")
+    assert commands[0] == ("python -m dress_lightning probe-tower --vision-model dress-tiny-vit "
+                           "--vision-pretrained runs/clip/tower.safetensors")
+    assert not any(" chat " in c or " evaluate " in c for c in commands)
+    assert ContrastiveTowerTask(export_path=None).next_commands("last.ckpt") == []

@@ -140,6 +140,16 @@ class ContrastiveTowerTask(L.LightningModule):
             accuracy = retrieval_accuracy(images, texts, RETRIEVAL_POOL)
             self.log(f"val/image_to_caption@{RETRIEVAL_POOL}", accuracy, prog_bar=True, sync_dist=True)
 
+    def next_commands(self, checkpoint: str) -> list[str]:
+        """The end-of-fit summary's next steps: a tower is probed and read by the later stages, not chatted with."""
+        if self.export_path is None:
+            return []
+        model = self.model_config.vision_model
+        return [
+            f"python -m dress_lightning probe-tower --vision-model {model} --vision-pretrained {self.export_path}",
+            "python -m dress_lightning fit -c configs/sft.yaml   # reads the tower as model.vision_pretrained",
+        ]
+
     # Lightning calls on_train_end on every rank; the file is written once.
     @rank_zero_only
     def on_train_end(self) -> None:
