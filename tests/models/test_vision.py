@@ -81,3 +81,36 @@ def test_random_towers_are_seeded_so_checkpoints_can_omit_them():
     second = build_vision_tower("dress-tiny-vit").state_dict()
     for name, tensor in first.items():
         torch.testing.assert_close(second[name], tensor)
+
+
+def test_convolutional_tower_gives_its_feature_map_cells_as_tokens():
+    # open_clip's ModifiedResNet (the RN50 family): stage -1 of the 96-px tiny preset is a 3x3 map of 512
+    # channels, one token per cell in row-major order; stage -2 is the 6x6 map before it.
+    tower = build_vision_tower("dress-tiny-rn", layer=-1).eval()
+    assert (tower.num_patches, tower.hidden_size) == (9, 512)
+    assert (describe_vision_tower("dress-tiny-rn", layer=-2).num_patches,
+            describe_vision_tower("dress-tiny-rn", layer=-2).hidden_size) == (36, 256)
+    images = torch.randn(2, 3, *tower.image_size)
+    visual = tower.visual
+    x = visual.stem(images)
+    for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+        x = stage(x)
+    torch.testing.assert_close(tower(images), x.flatten(2).transpose(1, 2))
+    assert torch.equal(tower(images)[:, 1], x[:, :, 0, 1])  # token 1 = top row, middle cell
+
+
+def test_frozen_convolutional_tower_keeps_its_batchnorm_statistics_in_training_mode():
+    tower = build_vision_tower("dress-tiny-rn", layer=-1)
+    tower.requires_grad_(False)
+    before = {k: v.clone() for k, v in tower.visual.state_dict().items() if "running" in k}
+    tower.train()
+    assert not tower.visual.training
+    single, batch = torch.randn(1, 3, 96, 96), torch.randn(4, 3, 96, 96)
+    alone = tower(single)
+    together = tower(torch.cat([single, batch]))[:1]
+    torch.testing.assert_close(alone, together)  # running statistics: an image's tokens ignore its batch
+    after = {k: v for k, v in tower.visual.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    tower.requires_grad_(True)
+    tower.train()
+    assert tower.visual.training  # a trained tower uses batch statistics, as open_clip trains it

@@ -1,4 +1,4 @@
-"""OpenCLIP vision tower that returns patch tokens from a chosen transformer block."""
+"""OpenCLIP vision tower that returns patch tokens from a chosen transformer block (or CNN stage)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
 from dress_lightning.models.init import deterministic_init
@@ -47,11 +48,17 @@ class VisionSpec:
 
 def _patch_tokens(visual: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
     # LLaVA semantics: hidden state of block `layer` (negative counts from the end), without the
-    # CLS token and before the final LayerNorm; stop_early skips the blocks after it.
+    # CLS token and before the final LayerNorm; stop_early skips the blocks after it. A convolutional
+    # tower (open_clip's ModifiedResNet, the RN50 family) gives the feature map of stage `layer`
+    # instead: each of its cells is a token, in row-major order like a ViT's patches.
+    convolutional = isinstance(visual, ModifiedResNet)
     out = visual.forward_intermediates(
-        pixel_values, indices=[layer], stop_early=True, intermediates_only=True, output_fmt="NLC"
-    )
-    return out["image_intermediates"][0]
+        pixel_values, indices=[layer], stop_early=True, intermediates_only=True,
+        output_fmt="NCHW" if convolutional else "NLC",
+    )["image_intermediates"][0]
+    if convolutional:
+        out = out.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+    return out
 
 
 def _create(model_name: str, pretrained: str | None, device: str) -> tuple[nn.Module, Callable]:
@@ -131,6 +138,14 @@ class VisionTower(nn.Module):
     @property
     def is_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.visual.parameters())
+
+    def train(self, mode: bool = True) -> VisionTower:
+        super().train(mode)
+        if self.is_frozen:
+            # A frozen tower stays in eval mode when Lightning puts the model in training mode: the
+            # BatchNorm of a convolutional tower must use its running statistics, not the batch's.
+            self.visual.eval()
+        return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> patch tokens (B, N, D)."""
