@@ -41,7 +41,7 @@ def _labelled_runs(tokenizer, encoded):
 
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
 @pytest.mark.parametrize("conditions", [None, CONDITIONS], ids=["plain", "conditioned"])
-@pytest.mark.parametrize("placement", ["assistant_prefix", "user_suffix"])
+@pytest.mark.parametrize("placement", ["assistant_prefix", "user_suffix", "user_prefix"])
 def test_labels_cover_exactly_the_responses(tiny_tokenizer, template, conditions, placement):
     formatter = ConversationFormatter(tiny_tokenizer, N_IMAGE, template=template, condition_placement=placement)
     encoded = formatter.encode(CONVERSATION, conditions)
@@ -66,9 +66,10 @@ def test_train_turns_selects_which_responses_carry_loss(tiny_tokenizer, template
 
 
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
-def test_prompt_matches_the_training_prefix(tiny_tokenizer, template):
+@pytest.mark.parametrize("placement", ["assistant_prefix", "user_suffix", "user_prefix"])
+def test_prompt_matches_the_training_prefix(tiny_tokenizer, template, placement):
     """What generation sees is exactly what training saw before the response."""
-    formatter = ConversationFormatter(tiny_tokenizer, N_IMAGE, template=template)
+    formatter = ConversationFormatter(tiny_tokenizer, N_IMAGE, template=template, condition_placement=placement)
     full = formatter.encode(CONVERSATION[:2], [CONDITIONS[0]])
     prompt = formatter.encode_prompt(CONVERSATION[:1], CONDITIONS[0])
     first_label = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
@@ -77,7 +78,7 @@ def test_prompt_matches_the_training_prefix(tiny_tokenizer, template):
 
 
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
-@pytest.mark.parametrize("placement", ["assistant_prefix", "user_suffix"])
+@pytest.mark.parametrize("placement", ["assistant_prefix", "user_suffix", "user_prefix"])
 @pytest.mark.parametrize("response", ["The image shows a red circle.", "Yes, there is.", "Sorry, I can't help."])
 def test_a_condition_does_not_change_the_response_tokens(tiny_tokenizer, template, placement, response):
     """The response is the same token ids with and without a condition, so what SFT taught about it carries
@@ -179,3 +180,11 @@ def test_the_target_critique_is_an_option():
     assert target_condition(judged) == (
         "Feedback: helpfulness 10/10, honesty 10/10, harmlessness 10/10. Critique: " + PERFECT_SHAPEWORLD_CRITIQUE
     )
+
+
+def test_user_prefix_puts_the_condition_before_the_image_and_the_question(tiny_tokenizer):
+    formatter = ConversationFormatter(tiny_tokenizer, N_IMAGE, condition_placement="user_prefix")
+    text = tiny_tokenizer.decode(formatter.encode_prompt(CONVERSATION[:1], CONDITIONS[0]))
+    question = CONVERSATION[0]["content"].replace(IMAGE_TOKEN, "").strip()
+    assert text.index(CONDITIONS[0]) < text.index(IMAGE_TOKEN) < text.index(question)
+    assert text.rstrip().endswith("ASSISTANT:")  # the question meets the response, as in SFT

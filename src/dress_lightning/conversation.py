@@ -32,7 +32,7 @@ IGNORE_INDEX = -100
 """Label of tokens that carry no loss (Hugging Face / PyTorch cross-entropy convention)."""
 
 TemplateName = Literal["vicuna_v1", "chat_template"]
-ConditionPlacement = Literal["assistant_prefix", "user_suffix"]
+ConditionPlacement = Literal["assistant_prefix", "user_suffix", "user_prefix"]
 
 VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -226,6 +226,11 @@ class ConversationFormatter:
                 if condition is not None and self.condition_placement == "user_suffix":
                     # The condition joins the user turn before the response it describes.
                     messages[-1] = _Message("user", f"{messages[-1].content}\n{condition}")
+                    condition = None
+                elif condition is not None and self.condition_placement == "user_prefix":
+                    # The condition opens the user turn (before its image and question), so the question
+                    # meets the response right after it, as in SFT: the answer copies words from the question.
+                    messages[-1] = _Message("user", f"{condition}\n{messages[-1].content}")
                     condition = None
             messages.append(_Message(turn["role"], content, condition))
         return messages

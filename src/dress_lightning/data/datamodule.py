@@ -71,7 +71,8 @@ class ShardDataModule(L.LightningDataModule):
             sample_format: ``conversation`` trains on the dialogue; ``caption`` on one caption (pretraining).
             template: Conversation template: ``vicuna_v1`` or the tokenizer's own ``chat_template``.
             system_prompt: System prompt override (None: the template's default).
-            condition_placement: Where a feedback condition goes: before the response or after the user turn.
+            condition_placement: Where a feedback condition goes: before the response (``assistant_prefix``), after
+                the user turn (``user_suffix``) or before it (``user_prefix``: the question stays next to the answer).
             shuffle_buffer: Samples held in the shuffle buffer (training only).
             resampled: Draw shards with replacement (infinite stream); needs ``epoch_length``.
             epoch_length: Samples per epoch over all ranks in resampled mode.
