@@ -38,6 +38,11 @@ LOW_SCORE = 0.3
 """The low condition's score on every aspect, as a fraction of the scale."""
 
 
+ConditionPlacement = Literal["assistant_prefix", "user_suffix", "user_prefix"]
+"""Where a turn's condition goes in the prompt: before its response (``assistant_prefix``, DRESS), after the user
+turn (``user_suffix``) or before it (``user_prefix``)."""
+
+
 @dataclass
 class ConditionSettings:
     """How feedback becomes the condition text (a CRL option; the same at training and inference)."""
@@ -60,6 +65,10 @@ class ConditionSettings:
     dropout: float = 0.0
     """Training only: the share of responses trained without their condition, so that one model also
     answers unconditioned (what classifier-free guidance mixes in; Korbak et al. 2023 use a small share)."""
+    placement: ConditionPlacement = "assistant_prefix"
+    """Where the condition goes (``ConditionPlacement``), in training and in every prompt the model gets later
+    (evaluate, rollout, chat, export read it from the checkpoint). ``user_prefix`` keeps the question next to
+    the answer as in SFT; on ShapeWorld the answers then copy the question's objects and places (README)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:

@@ -19,6 +19,7 @@ from typing import Literal, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
+from dress_lightning.conditions import ConditionPlacement
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
 FORMAT_VERSION = "dress-conversation-v2"
@@ -32,7 +33,6 @@ IGNORE_INDEX = -100
 """Label of tokens that carry no loss (Hugging Face / PyTorch cross-entropy convention)."""
 
 TemplateName = Literal["vicuna_v1", "chat_template"]
-ConditionPlacement = Literal["assistant_prefix", "user_suffix", "user_prefix"]
 
 VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -18,12 +18,12 @@ from typing import Any
 
 from dress_lightning.pretrained import (
     CONFIG_FILE,
-    CONVERSATION_DEFAULTS,
     EXPORT_FORMAT,
     LANGUAGE_MODEL_DIR,
     MODEL_CARD_FILE,
     OPEN_CLIP_DIR,
     WEIGHTS_FILE,
+    conversation_settings,
     is_export,
 )
 
@@ -68,7 +68,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, report: str | Pat
         "condition": None if condition is None else asdict(condition),
         "condition_format": CONDITION_FORMAT_VERSION,
         "target_condition": None if condition is None else target_condition(condition),
-        "conversation": dict(CONVERSATION_DEFAULTS),
+        "conversation": conversation_settings(condition),
         "conversation_format": FORMAT_VERSION,
         "generation": asdict(task.generation),
         "source": {

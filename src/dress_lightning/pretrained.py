@@ -38,7 +38,16 @@ MODEL_CARD_FILE = "README.md"
 CONVERSATION_DEFAULTS = {"template": "vicuna_v1", "system_prompt": None, "condition_placement": "assistant_prefix",
                          "max_length": 512}
 """The prompt format of an export. Checkpoints do not record the data module's template, so these are the
-settings ``evaluate`` and ``feedback rollout`` prompt every checkpoint with (``ShardDataModule``'s defaults)."""
+settings ``evaluate`` and ``feedback rollout`` prompt every checkpoint with (``ShardDataModule``'s defaults),
+except where the condition goes, which a conditioned model's checkpoint records (``conversation_settings``)."""
+
+
+def conversation_settings(condition: ConditionSettings | None) -> dict[str, Any]:
+    """The prompt format of a model trained under ``condition`` (None: unconditioned)."""
+    settings = dict(CONVERSATION_DEFAULTS)
+    if condition is not None:
+        settings["condition_placement"] = condition.placement
+    return settings
 
 
 

@@ -32,15 +32,16 @@ def load_model(path: str | Path) -> PretrainedVisionLanguageModel:
         return from_pretrained(path)
     from dress_lightning.conversation import ConversationFormatter
     from dress_lightning.inference import load_task
-    from dress_lightning.pretrained import CONVERSATION_DEFAULTS
+    from dress_lightning.pretrained import conversation_settings
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass a Lightning checkpoint or an exported folder.")
     task = load_task(str(path))
+    condition = getattr(task, "condition", None)
     return PretrainedVisionLanguageModel(
         model=task.model,
-        formatter=ConversationFormatter(task.tokenizer, task.model.num_image_tokens, **CONVERSATION_DEFAULTS),
-        condition=getattr(task, "condition", None),
+        formatter=ConversationFormatter(task.tokenizer, task.model.num_image_tokens, **conversation_settings(condition)),
+        condition=condition,
         config={},
     )
 

@@ -261,6 +261,24 @@ def test_reserved_condition_tokens_train_survive_save_and_load(judged_nlf_shards
     top = task.tokenizer.convert_tokens_to_ids(["<helpfulness_10>", "<honesty_10>", "<harmlessness_10>"])
     assert set(top) <= set(task.tokenizer(condition)["input_ids"])
 
+    # configs/crl.yaml puts the condition before the question; the checkpoint records it, so chat (and
+    # evaluate, rollout, export: conversation_settings) prompt the model as it was trained.
+    from dress_lightning.session import load_model
+
+    assert settings.placement == "user_prefix"
+    assert load_model(run / "ck" / "last.ckpt").formatter.condition_placement == "user_prefix"
+
+
+def test_the_condition_placement_is_the_conditions_not_a_second_data_option():
+    from dress_lightning.conditions import ConditionSettings
+    from dress_lightning.data.crl import CRLDataModule
+
+    data = CRLDataModule(nlf_shards="nlf", condition=ConditionSettings(placement="user_prefix"))
+    assert data.condition_placement == "user_prefix"
+    with pytest.raises(ValueError, match="set model.init_args.condition.placement"):
+        CRLDataModule(nlf_shards="nlf", condition=ConditionSettings(placement="user_prefix"),
+                      condition_placement="assistant_prefix")
+
 
 def test_token_encoding_masks_loss_on_exactly_the_responses(tiny_tokenizer):
     """With reserved condition tokens the label mask still covers the trained responses only."""

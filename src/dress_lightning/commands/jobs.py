@@ -91,6 +91,7 @@ class PredictJob:
         """A ``ShardDataModule`` of prompt batches for ``policy`` from ``shards`` (generated first if
         ``shapeworld`` says so), each prompt under ``condition``; prepared and set up."""
         from dress_lightning.data.datamodule import ShardDataModule
+        from dress_lightning.pretrained import conversation_settings
 
         datamodule = ShardDataModule(
             predict_shards=shards,
@@ -100,6 +101,8 @@ class PredictJob:
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             max_length=self.max_length,
+            # A conditioned policy is prompted with its condition where it was trained with it.
+            condition_placement=conversation_settings(getattr(policy, "condition", None))["condition_placement"],
         )
         datamodule.prepare_data()
         datamodule.setup()

@@ -160,7 +160,15 @@ class CRLDataModule(ShardDataModule):
             epoch_length: Samples per epoch over all ranks (the mixed stream is resampled).
             **kwargs: Everything ``ShardDataModule`` takes (``train_shards`` holds the SFT data).
         """
-        super().__init__(resampled=True, epoch_length=epoch_length, **kwargs)
+        condition = condition or ConditionSettings()
+        if kwargs.get("condition_placement") not in (None, condition.placement):
+            raise ValueError(
+                f"data.init_args.condition_placement={kwargs['condition_placement']!r} disagrees with the condition's "
+                f"placement {condition.placement!r}: set model.init_args.condition.placement (the checkpoint records "
+                "it, so evaluation and chat prompt the same way) and drop the data option."
+            )
+        kwargs["condition_placement"] = condition.placement
+        super().__init__(resampled=True, epoch_length=epoch_length, **kwargs)  # jsonargparse reads **kwargs from here
         if not 0.0 <= sft_weight < 1.0:
             raise ValueError(f"sft_weight must be in [0, 1), got {sft_weight}.")
         if nlf_shards is None:
@@ -170,7 +178,7 @@ class CRLDataModule(ShardDataModule):
             log.warning("data.init_args.nlf_rollout_config is deprecated and ignored: the stage graph "
                         "(dress_lightning.stages) builds missing NLF shards before training starts.")
         self.sft_weight = sft_weight
-        self.condition = condition or ConditionSettings()
+        self.condition = condition
         self.model_config = with_condition_tokens(self.model_config, self.condition)
         self.turns = turns or TurnSelection()
         if self.predict_condition is None:

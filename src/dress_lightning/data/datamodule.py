@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import lightning as L
 
-from dress_lightning.conversation import ConditionPlacement, ConversationFormatter, TemplateName
+from dress_lightning.conditions import ConditionPlacement
+from dress_lightning.conversation import ConversationFormatter, TemplateName
 from dress_lightning.data.encoders import ENCODERS, PromptEncoder, SampleEncoder
 from dress_lightning.data.pipeline import EpochDataLoader, Source, StreamPosition, build_pipeline
 from dress_lightning.data.shapeworld import ShapeWorldShards
@@ -44,7 +45,7 @@ class ShardDataModule(L.LightningDataModule):
         sample_format: Literal["conversation", "caption"] = "conversation",
         template: TemplateName = "vicuna_v1",
         system_prompt: str | None = None,
-        condition_placement: ConditionPlacement = "assistant_prefix",
+        condition_placement: ConditionPlacement | None = None,
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         epoch_length: int | None = None,
@@ -71,8 +72,9 @@ class ShardDataModule(L.LightningDataModule):
             sample_format: ``conversation`` trains on the dialogue; ``caption`` on one caption (pretraining).
             template: Conversation template: ``vicuna_v1`` or the tokenizer's own ``chat_template``.
             system_prompt: System prompt override (None: the template's default).
-            condition_placement: Where a feedback condition goes: before the response (``assistant_prefix``), after
-                the user turn (``user_suffix``) or before it (``user_prefix``: the question stays next to the answer).
+            condition_placement: Where a feedback condition goes: before the response (``assistant_prefix``, the
+                default), after the user turn (``user_suffix``) or before it (``user_prefix``). Conditional RL takes it
+                from its condition settings (``condition.placement``), which the checkpoint records.
             shuffle_buffer: Samples held in the shuffle buffer (training only).
             resampled: Draw shards with replacement (infinite stream); needs ``epoch_length``.
             epoch_length: Samples per epoch over all ranks in resampled mode.
@@ -105,7 +107,7 @@ class ShardDataModule(L.LightningDataModule):
         self.sample_format = sample_format
         self.template = template
         self.system_prompt = system_prompt
-        self.condition_placement = condition_placement
+        self.condition_placement: ConditionPlacement = condition_placement or "assistant_prefix"
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.epoch_length = epoch_length
