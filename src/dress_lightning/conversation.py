@@ -22,11 +22,12 @@ from transformers import PreTrainedTokenizerBase
 from dress_lightning.conditions import ConditionPlacement
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
-FORMAT_VERSION = "dress-conversation-v2"
+FORMAT_VERSION = "dress-conversation-v3"
 """Version of the rendering rules below (templates, condition placement, masking); recorded in provenance.
 
 v2: under ``vicuna_v1`` a conditioned response keeps its leading space (v1 dropped it after the condition's
 newline, so conditioned responses were other tokens than plain ones).
+v3: the ``user_prefix`` placement (the condition opens the user turn); the v2 placements render as before.
 """
 
 IGNORE_INDEX = -100

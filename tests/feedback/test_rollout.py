@@ -97,7 +97,7 @@ def test_two_ranks_write_their_own_shards(policy_checkpoint, tmp_path):
 
 def test_trajectories_outgrowing_max_length_end_at_their_last_answer(policy_checkpoint, tmp_path):
     """A refinement prompt longer than max_length ends the trajectory (counted) instead of failing the rollout."""
-    summary = _rollout(policy_checkpoint, tmp_path, "--max_length", "128")  # first prompts: 105-115 tokens
+    summary = _rollout(policy_checkpoint, tmp_path, "--max_length", "73")  # first prompts: 50-54 tokens (9 image)
     samples = list(iter_samples(expand_shard_urls([str(tmp_path / "nlf")]), SkipLog()))
     assert len(samples) == PROMPTS * NUM_SAMPLES
     ended = summary["runs"][-1]["ended_at_max_length"]

@@ -201,8 +201,8 @@ def test_load_task_rebuilds_the_trained_model(tmp_path):
     weights = task.state_dict()
     for name, tensor in trained.items():
         torch.testing.assert_close(weights[name], tensor)
-    # Frozen weights come back from the config, identical to a fresh build.
-    fresh = SFTTask()
+    # Frozen weights come back from the config, identical to a fresh build of it.
+    fresh = SFTTask(model=task.model_config)
     fresh.configure_model()
     torch.testing.assert_close(weights["model.vision.visual.conv1.weight"],
                                fresh.state_dict()["model.vision.visual.conv1.weight"])
