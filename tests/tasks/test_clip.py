@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory) -> Path:
-    """A short real run of configs/clip.yaml (the tiny ResNet tower): 1280 train pairs, 80 steps, retrieval among
+    """A short real run of configs/clip.yaml (the tiny ResNet tower): 1280 train pairs, 60 steps, retrieval among
     100 val pairs. The ResNet leaves chance (loss ln(64)) within some 20 steps; the ViT needed 200.
     """
     tmp = tmp_path_factory.mktemp("clip")
     assert main([
         "fit", "-c", str(ROOT / "configs/clip.yaml"),
-        "--trainer.max_steps", "80", "--trainer.val_check_interval", "80", "--trainer.limit_val_batches", "2",
+        "--trainer.max_steps", "60", "--trainer.val_check_interval", "60", "--trainer.limit_val_batches", "2",
         "--trainer.log_every_n_steps", "10", "--trainer.enable_model_summary", "false",
         "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp),
         "--trainer.callbacks.init_args.dirpath", str(tmp / "checkpoints"),
