@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dress_lightning.cli import main
+from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.models.vision import build_vision_tower
 from dress_lightning.tasks import ContrastiveTowerTask
 
@@ -65,9 +66,11 @@ def test_export_is_the_tower_the_later_stages_load(clip_run):
 
 
 def test_the_summary_after_the_clip_stage_points_at_the_tower_not_at_chat():
-    task = ContrastiveTowerTask(export_path="runs/clip/tower.safetensors")
+    config = VisionLanguageConfig(vision_model="dress-tiny-rn", vision_layer=-1)
+    task = ContrastiveTowerTask(model=config, export_path="runs/clip/tower.safetensors")
     commands = task.next_commands("runs/clip/checkpoints/last.ckpt")
-    assert commands[0] == ("python -m dress_lightning probe-tower --vision-model dress-tiny-vit "
-                           "--vision-pretrained runs/clip/tower.safetensors")
+    # the layer the later stages read (configs/clip.yaml sets the one configs/sft.yaml reads)
+    assert commands[0] == ("python -m dress_lightning probe-tower --vision-model dress-tiny-rn "
+                           "--vision-pretrained runs/clip/tower.safetensors --vision-layer=-1")
     assert not any(" chat " in c or " evaluate " in c for c in commands)
     assert ContrastiveTowerTask(export_path=None).next_commands("last.ckpt") == []

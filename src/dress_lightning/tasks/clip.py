@@ -144,9 +144,10 @@ class ContrastiveTowerTask(L.LightningModule):
         """The end-of-fit summary's next steps: a tower is probed and read by the later stages, not chatted with."""
         if self.export_path is None:
             return []
-        model = self.model_config.vision_model
+        config = self.model_config
         return [
-            f"python -m dress_lightning probe-tower --vision-model {model} --vision-pretrained {self.export_path}",
+            f"python -m dress_lightning probe-tower --vision-model {config.vision_model} "
+            f"--vision-pretrained {self.export_path} --vision-layer={config.vision_layer}",
             "python -m dress_lightning fit -c configs/sft.yaml   # reads the tower as model.vision_pretrained",
         ]
 
