@@ -91,6 +91,7 @@ ARMS: dict[str, Arm] = {
             "dropout": "CRL lever: 10% condition dropout (for classifier-free guidance)",
             "reference": "CRL lever: refined turns trained on the reference answer",
             "assistant_prefix": "CRL lever: the condition at the start of the answer (DRESS), not before the question",
+            "tokens_in_answer": "CRL lever: score tokens alone at the start of the answer (no critique)",
         }.items()
     },
     "crl_round2": Arm("CRL, a second round on the round-1 CRL model's own judged answers",
