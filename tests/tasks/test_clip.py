@@ -8,6 +8,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+import yaml
 
 from dress_lightning.cli import main
 from dress_lightning.models import VisionLanguageConfig
@@ -69,7 +70,10 @@ def test_the_summary_after_the_clip_stage_points_at_the_tower_not_at_chat():
     config = VisionLanguageConfig(vision_model="dress-tiny-rn", vision_layer=-1)
     task = ContrastiveTowerTask(model=config, export_path="runs/clip/tower.safetensors")
     commands = task.next_commands("runs/clip/checkpoints/last.ckpt")
-    # the layer the later stages read (configs/clip.yaml sets the one configs/sft.yaml reads)
+    # the layer the later stages read: configs/clip.yaml sets the one configs/sft.yaml reads
+    layers = [yaml.safe_load((ROOT / f"configs/{name}.yaml").read_text())["model"]["init_args"]["model"]["vision_layer"]
+              for name in ("clip", "sft")]
+    assert layers == [-1, -1]
     assert commands[0] == ("python -m dress_lightning probe-tower --vision-model dress-tiny-rn "
                            "--vision-pretrained runs/clip/tower.safetensors --vision-layer=-1")
     assert not any(" chat " in c or " evaluate " in c for c in commands)
