@@ -71,29 +71,35 @@ class Arm:
     judge its answers, and train it again on them (``reads_feedback`` then reads this round's NLF)."""
 
 
+def _crl(description: str, *levers: str) -> Arm:
+    """A CRL arm: configs/crl.yaml + reproduce/crl.yaml, then each lever's ``reproduce/crl_<lever>.yaml``."""
+    return Arm(description, ("configs/crl.yaml", "configs/reproduce/crl.yaml",
+                             *(f"configs/reproduce/crl_{lever}.yaml" for lever in levers)),
+               reads_feedback=True, conditioned=True)
+
+
 ARMS: dict[str, Arm] = {
     "sft": Arm("SFT", ("configs/sft.yaml", "configs/reproduce/sft.yaml"), starts_from="pretrain"),
     "sft_control": Arm(
         "SFT + as many steps as CRL (control)",
         ("configs/sft.yaml", "configs/reproduce/sft.yaml", "configs/reproduce/sft_control.yaml"),
     ),
-    "crl": Arm("CRL (score + critique condition, refinement data)",
-               ("configs/crl.yaml", "configs/reproduce/crl.yaml"), reads_feedback=True, conditioned=True),
-    **{
-        f"crl_{lever}": Arm(description, ("configs/crl.yaml", "configs/reproduce/crl.yaml",
-                                          f"configs/reproduce/crl_{lever}.yaml"), reads_feedback=True, conditioned=True)
-        for lever, description in {
-            "score_only": "CRL ablation: score-only condition",
-            "no_refinement": "CRL ablation: no refinement data",
-            "judge_target": "CRL lever: the target's critique in the judge's own words for a perfect answer",
-            "tokens": "CRL lever: scores as reserved tokens",
-            "templates": "CRL lever: randomised condition templates in training",
-            "dropout": "CRL lever: 10% condition dropout (for classifier-free guidance)",
-            "reference": "CRL lever: refined turns trained on the reference answer",
-            "assistant_prefix": "CRL lever: the condition at the start of the answer (DRESS), not before the question",
-            "tokens_in_answer": "CRL lever: score tokens alone at the start of the answer (no critique)",
-        }.items()
-    },
+    "crl": _crl("CRL (score + critique condition, refinement data)"),
+    "crl_score_only": _crl("CRL ablation: score-only condition", "score_only"),
+    "crl_no_refinement": _crl("CRL ablation: no refinement data", "no_refinement"),
+    "crl_judge_target": _crl("CRL lever: the target's critique in the judge's own words for a perfect answer",
+                             "judge_target"),
+    "crl_tokens": _crl("CRL lever: scores as reserved tokens", "tokens"),
+    "crl_templates": _crl("CRL lever: randomised condition templates in training", "templates"),
+    "crl_dropout": _crl("CRL lever: 10% condition dropout (for classifier-free guidance)", "dropout"),
+    "crl_reference": _crl("CRL lever: refined turns trained on the reference answer", "reference"),
+    "crl_judge_target_reference": _crl(
+        "CRL levers combined: the judge's critique as target, refined turns trained on the reference answer",
+        "judge_target", "reference"),
+    "crl_assistant_prefix": _crl(
+        "CRL lever: the condition at the start of the answer (DRESS), not before the question", "assistant_prefix"),
+    "crl_tokens_in_answer": _crl("CRL lever: score tokens alone at the start of the answer (no critique)",
+                                 "tokens_in_answer"),
     "crl_round2": Arm("CRL, a second round on the round-1 CRL model's own judged answers",
                       ("configs/crl.yaml", "configs/reproduce/crl.yaml"), reads_feedback=True, conditioned=True,
                       continues="crl"),
