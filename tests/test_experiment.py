@@ -29,6 +29,11 @@ def test_graph_runs_each_stage_after_its_inputs():
         assert f"runs/x/seed{seed}/nlf" in crl.overrides
         assert crl.overrides[crl.overrides.index("--seed_everything") + 1] == str(seed)
     assert "crl_score_only/seed0" not in names
+    # A combined arm stacks its levers' configs over CRL's, in order.
+    combined = {s.name: s for s in experiment_stages([0], ["crl_judge_target_reference"], "val", Path("runs/x"))}
+    assert combined["crl_judge_target_reference/seed0"].configs == (
+        "configs/crl.yaml", "configs/reproduce/crl.yaml", "configs/reproduce/crl_judge_target.yaml",
+        "configs/reproduce/crl_reference.yaml")
 
     # A second round: the round-1 model's own answers, judged, train it again (each round's data kept apart).
     rounds = {s.name: s for s in experiment_stages([0], ["crl_round2"], "val", Path("runs/x"))}
