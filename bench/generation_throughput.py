@@ -5,12 +5,16 @@ one image (``model.generate(input_ids, pixel_values=...)``, KV cache, greedy), a
 and on left-padded batches of the largest batch size (HF's own batched ``generate``, what a user tries first).
 Ours: ``VisionLanguageModel.generate`` on left-padded batches of the same ShapeWorld prompts (vicuna_v1
 template). Greedy outputs must be identical token for token; samples/s are medians over interleaved rounds.
+A guided run at the largest batch (classifier-free guidance, ``l_u + g (l_c - l_u)``: 2B rows per decode step)
+gives the cost of guidance against unguided decoding (issue 18: at most 2x).
 
     flock /tmp/dress-cpu.lock python bench/generation_throughput.py --checkpoint CKPT --json bench/results/generation_throughput.json
 
-``--checkpoint`` takes a task checkpoint of the same config (``mlp2x_gelu`` projector, which HF LLaVA has), e.g.
-from ``python -m dress_lightning fit -c configs/sft.yaml --model.init_args.model.projector mlp2x_gelu``;
-without one the LM is random (every answer then runs to ``--max-new-tokens``).
+``--checkpoint`` takes a task checkpoint of the same config (the ViT preset, ``mlp2x_gelu`` projector, which HF
+LLaVA has), e.g. from ``python -m dress_lightning fit -c configs/sft.yaml --model.init_args.model.vision_model
+dress-tiny-vit --model.init_args.model.vision_pretrained null --model.init_args.model.vision_layer -2
+--model.init_args.model.projector mlp2x_gelu --trainer.max_steps 300``; without one the LM is random (every
+answer then runs to ``--max-new-tokens``).
 """
 
 from __future__ import annotations
@@ -40,13 +44,18 @@ def until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def ours_generate(model, items, batch_size: int, max_new_tokens: int, pad: int, eos: int) -> list[list[int]]:
+def ours_generate(model, items, batch_size: int, max_new_tokens: int, pad: int, eos: int,
+                  guided: bool = False) -> list[list[int]]:
+    """``guided``: classifier-free guidance (g = 1.5) with each prompt as its own negative: the 2B-row decode
+    of a guided batch, whose mix ``l_u + g (l_c - l_u)`` then equals ``l_c``, so outputs stay comparable."""
     outputs = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         input_ids, attention_mask = left_pad([ids for ids, _ in chunk], pad)
+        guidance = ({"negative_input_ids": input_ids, "negative_attention_mask": attention_mask,
+                     "guidance_scale": 1.5} if guided else {})
         new = model.generate(input_ids, attention_mask, torch.stack([px for _, px in chunk]),
-                             max_new_tokens=max_new_tokens)  # (B, T_new)
+                             max_new_tokens=max_new_tokens, **guidance)  # (B, T_new)
         outputs += [until_eos(row, eos) for row in new.tolist()]
     return outputs
 
@@ -99,8 +108,10 @@ def main() -> None:
 
     runs = {f"ours_batch_{b}": (lambda b=b: ours_generate(ours, items, b, args.max_new_tokens, pad, eos))
             for b in args.batch_sizes}
-    runs["hf_llava_per_sample"] = lambda: reference_generate(reference, items, args.max_new_tokens, eos)
     largest = max(args.batch_sizes)
+    runs[f"ours_batch_{largest}_guided"] = lambda: ours_generate(ours, items, largest, args.max_new_tokens, pad, eos,
+                                                                  guided=True)
+    runs["hf_llava_per_sample"] = lambda: reference_generate(reference, items, args.max_new_tokens, eos)
     runs[f"hf_llava_batch_{largest}"] = lambda: reference_batched_generate(reference, items, largest,
                                                                             args.max_new_tokens, pad, eos)
     warm = items[:2]
@@ -133,7 +144,9 @@ def main() -> None:
     ours_largest, hf_batched = results[f"ours_batch_{largest}"], results[f"hf_llava_batch_{largest}"]
     speedup = ours_largest["speedup_vs_per_sample"]
     vs_batched = ours_largest["samples_per_s"] / hf_batched["samples_per_s"]
-    print(f"ours at batch {largest}: {speedup:.2f}x HF per sample, {vs_batched:.2f}x HF batched")
+    guidance_cost = (median(times[f"ours_batch_{largest}_guided"]) / median(times[f"ours_batch_{largest}"]))
+    print(f"ours at batch {largest}: {speedup:.2f}x HF per sample, {vs_batched:.2f}x HF batched; "
+          f"guided decoding costs {guidance_cost:.2f}x unguided")
     identical = all(r["outputs_differing"] == 0 for r in results.values())
     write_json(args.json, {
         "speedup": speedup,
@@ -142,6 +155,8 @@ def main() -> None:
         "target": ">= 8x HF per sample and >= 1.5x HF batched at batch 32, identical greedy outputs",
         "met": speedup >= 8 and vs_batched >= 1.5 and identical,
         "identical_outputs": identical,
+        "guidance_cost": guidance_cost,
+        "guidance_cost_is": f"ours_batch_{largest}_guided s / ours_batch_{largest} s (target <= 2)",
         "settings": {**vars(args), "decoding": "greedy, KV cache", "precision": "fp32"},
         "answer_lengths": {"min": min(lengths), "median": median(lengths), "max": max(lengths),
                            "at_cap": sum(n >= args.max_new_tokens for n in lengths)},
