@@ -139,7 +139,8 @@ class VisionLanguageModel(nn.Module):
         Classifier-free guidance: with ``negative_input_ids`` (B, T') (the same prompts under another
         condition, left-padded) each step decodes from ``l_u + guidance_scale * (l_c - l_u)``, the logits of
         the prompt (``l_c``) and of its negative (``l_u``); both continue with the chosen token. The two
-        run as one batch of 2B rows (one forward per step), sharing the image features.
+        run as one batch of 2B rows (one forward per step), sharing the image features (each image is
+        encoded once).
 
         Sequences that stop early are padded with ``pad_token_id``. A row that has stopped leaves the
         batch (and the KV cache), so later steps only compute the rows still generating: the cost of a
@@ -155,13 +156,15 @@ class VisionLanguageModel(nn.Module):
         stops = torch.tensor([stops] if isinstance(stops, int) else list(stops), dtype=torch.long,
                              device=input_ids.device)
         guided = negative_input_ids is not None
+        image_features = None if pixel_values is None else self.vision(pixel_values)  # (B, N, D_vision)
         if guided:
             if negative_attention_mask is None or negative_input_ids.shape[0] != input_ids.shape[0]:
                 raise ValueError("guidance needs negative_input_ids and negative_attention_mask, one row per prompt")
             input_ids, attention_mask = _stack_left_padded(
                 (input_ids, attention_mask), (negative_input_ids, negative_attention_mask), self.pad_token_id
             )  # (2B, T'')
-            pixel_values = None if pixel_values is None else torch.cat([pixel_values, pixel_values])
+            if image_features is not None:  # each image encoded once, for both passes
+                image_features = torch.cat([image_features, image_features])
         lm = self.language_model
         batch = input_ids.shape[0] // 2 if guided else input_ids.shape[0]
         new_tokens = torch.full((batch, max_new_tokens), self.pad_token_id, device=input_ids.device)
@@ -170,8 +173,9 @@ class VisionLanguageModel(nn.Module):
         cache = DynamicCache(config=lm.config)
         # Left padding: positions count real tokens only (as transformers' generate does).
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = lm(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (b or 2b, V)
+        logits = lm(inputs_embeds=self.embed(input_ids, image_features=image_features), attention_mask=mask,
+                    position_ids=positions, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1).logits[:, -1]  # (b or 2b, V)
         steps = 0
         for step in range(max_new_tokens):
             if guided:
