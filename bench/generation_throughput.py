@@ -144,7 +144,7 @@ def main() -> None:
     ours_largest, hf_batched = results[f"ours_batch_{largest}"], results[f"hf_llava_batch_{largest}"]
     speedup = ours_largest["speedup_vs_per_sample"]
     vs_batched = ours_largest["samples_per_s"] / hf_batched["samples_per_s"]
-    guidance_cost = (median(times[f"ours_batch_{largest}_guided"]) / median(times[f"ours_batch_{largest}"]))
+    guidance_cost = median(times[f"ours_batch_{largest}_guided"]) / median(times[f"ours_batch_{largest}"])
     print(f"ours at batch {largest}: {speedup:.2f}x HF per sample, {vs_batched:.2f}x HF batched; "
           f"guided decoding costs {guidance_cost:.2f}x unguided")
     identical = all(r["outputs_differing"] == 0 for r in results.values())

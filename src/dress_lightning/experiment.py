@@ -38,7 +38,7 @@ import logging
 import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -100,9 +100,7 @@ ARMS: dict[str, Arm] = {
         "CRL lever: the condition at the start of the answer (DRESS), not before the question", "assistant_prefix"),
     "crl_tokens_in_answer": _crl("CRL lever: score tokens alone at the start of the answer (no critique)",
                                  "tokens_in_answer"),
-    "crl_round2": Arm("CRL, a second round on the round-1 CRL model's own judged answers",
-                      ("configs/crl.yaml", "configs/reproduce/crl.yaml"), reads_feedback=True, conditioned=True,
-                      continues="crl"),
+    "crl_round2": replace(_crl("CRL, a second round on the round-1 CRL model's own judged answers"), continues="crl"),
     "rft": Arm("RFT: fine-tuning on the best judged samples (rejection sampling)",
                ("configs/rft.yaml", "configs/reproduce/rft.yaml"), reads_feedback=True),
     "dpo": Arm("DPO on pairs from the judged samples (reference: the SFT model)",
