@@ -33,6 +33,9 @@ class VisionLanguageConfig:
     """Transformer block whose patch tokens feed the projector; negative counts from the end (LLaVA: -2)."""
     projector: str = "linear"
     """Projector name: ``linear`` (DRESS) or ``mlp2x_gelu`` (LLaVA-1.5)."""
+    image_position_embedding: bool = False
+    """Add a learned embedding per image token before the projector, so the LM knows each token's grid cell:
+    for towers whose tokens do not carry their position (the tiny CNN's last stage); ViTs carry their own."""
     language_model: str = "dress-tiny-llama"
     """Hugging Face causal LM name or local directory (Llama, Qwen2, ...); ``dress-tiny-llama`` is built in."""
     tokenizer: str | None = None
@@ -103,7 +106,12 @@ def build_vision_language_model(
         dtype=DTYPES[config.language_model_dtype],
         attn_implementation=config.attn_implementation,
     )
-    projector = build_projector(config.projector, vision.hidden_size, language_model.config.hidden_size)
+    projector = build_projector(
+        config.projector,
+        vision.hidden_size,
+        language_model.config.hidden_size,
+        position_embedding_tokens=vision.num_patches if config.image_position_embedding else 0,
+    )
     model = VisionLanguageModel(
         vision=vision,
         projector=projector,
