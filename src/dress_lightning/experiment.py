@@ -84,7 +84,7 @@ ARMS: dict[str, Arm] = {
         "SFT + as many steps as CRL (control)",
         ("configs/sft.yaml", "configs/reproduce/sft.yaml", "configs/reproduce/sft_control.yaml"),
     ),
-    "crl": _crl("CRL (score + critique condition, refinement data)"),
+    "crl": _crl("CRL as DRESS publishes it (score + critique condition, the model's own refinements)"),
     "crl_score_only": _crl("CRL ablation: score-only condition", "score_only"),
     "crl_no_refinement": _crl("CRL ablation: no refinement data", "no_refinement"),
     "crl_judge_target": _crl("CRL lever: the target's critique in the judge's own words for a perfect answer",
@@ -94,7 +94,8 @@ ARMS: dict[str, Arm] = {
     "crl_dropout": _crl("CRL lever: 10% condition dropout (for classifier-free guidance)", "dropout"),
     "crl_reference": _crl("CRL lever: refined turns trained on the reference answer", "reference"),
     "crl_judge_target_reference": _crl(
-        "CRL levers combined: the judge's critique as target, refined turns trained on the reference answer",
+        "CRL levers combined (configs/crl.yaml's defaults): the judge's critique as target, refined turns "
+        "trained on the reference answer",
         "judge_target", "reference"),
     "crl_assistant_prefix": _crl(
         "CRL lever: the condition at the start of the answer (DRESS), not before the question", "assistant_prefix"),
@@ -108,7 +109,7 @@ ARMS: dict[str, Arm] = {
 }
 """Every arm, in table order."""
 
-MAIN_ARMS = ("sft", "sft_control", "crl", "crl_reference", "rft", "dpo")
+MAIN_ARMS = ("sft", "sft_control", "crl", "crl_reference", "crl_judge_target_reference", "rft", "dpo")
 """The arms of the reported table (README, ``bench/results/shapeworld_reproduction.*``): the default of ``--arms``."""
 STEERING_CONDITIONS = ("low", "none")
 """Conditions a conditioned arm is also evaluated under, beside its target (``conditions.condition_for``)."""
