@@ -8,7 +8,7 @@ import torch
 from dress_lightning.data.shapeworld import generate_record, reference_answer
 from dress_lightning.evaluation.metrics import AnswerAccuracy, DistinctAnswers
 from dress_lightning.evaluation.module import ImageSwap
-from dress_lightning.evaluation.tower import cell_labels, linear_probe
+from dress_lightning.evaluation.tower import cell_from_token, cell_labels, linear_probe
 from dress_lightning.tasks.clip import retrieval_accuracy
 from dress_lightning.feedback.annotation_judge import answers_correctly
 
@@ -122,6 +122,17 @@ def test_linear_probe_separates_a_separable_problem():
     y = torch.stack([(x[:, 0] > 0).long(), (x[:, 1] > 0).long() * 2], dim=1)  # two outputs, 3 classes
     predicted = linear_probe(x[:150], y[:150], x[150:], classes=3)
     assert (predicted == y[150:]).float().mean() > 0.95
+
+
+def test_cell_from_token_is_high_when_tokens_carry_their_cell_and_chance_when_they_do_not():
+    from dress_lightning.evaluation.tower import shapeworld_images
+
+    _, objects, _ = shapeworld_images("train", 120)
+    generator = torch.Generator().manual_seed(0)
+    content = torch.randn(120, 9, 16, generator=generator)  # (N, cells, D): nothing about where a token is
+    with_cell = torch.cat([content, torch.eye(9).expand(120, 9, 9)], dim=-1)  # + a one-hot of the cell
+    assert cell_from_token(with_cell[:80], objects[:80], with_cell[80:], objects[80:]) == 1.0
+    assert cell_from_token(content[:80], objects[:80], content[80:], objects[80:]) < 0.3  # chance: about 1/9
 
 
 def test_shapeworld_existence_questions_get_the_truth_as_a_pope_label():

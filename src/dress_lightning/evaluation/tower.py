@@ -9,6 +9,9 @@
   cells, the colour and the shape of the object there or "empty"; trained on train images, scored on
   val images. Colour and shape accuracy are over occupied cells; position is occupancy accuracy
   over all cells (chance levels are reported beside them).
+- cell from token (towers with one token per grid cell): a linear probe names an occupied cell's position from
+  that cell's token alone; low means the tokens do not say where they are, and the LM has only their order
+  (``model.image_position_embedding`` adds it).
 - spread: mean cosine similarity between the mean patch features of different images (near 1: the
   tower hands every image nearly the same features).
 """
@@ -40,6 +43,8 @@ class ProbeReport:
     shape_chance: float
     position_chance: float
     mean_cosine_between_images: float
+    cell_from_token: float | None
+    """Accuracy of naming an occupied cell (1 of 9) from its token alone; None unless the tower has 9 tokens."""
     retrieval: float | None
     retrieval_pool: int
     train_images: int
@@ -115,6 +120,24 @@ def linear_probe(
     return head(test_x).reshape(-1, outputs, classes).argmax(-1)
 
 
+def cell_from_token(train_features: torch.Tensor, train_objects: Sequence[Sequence[dict]],
+                    test_features: torch.Tensor, test_objects: Sequence[Sequence[dict]], seed: int = 0) -> float:
+    """Accuracy of a linear probe that names an occupied cell's index from that cell's token; features (N, 9, D)."""
+
+    def occupied(features: torch.Tensor, objects: Sequence[Sequence[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, cells = [], []
+        for image_tokens, scene in zip(features, objects):
+            for cell, color in enumerate(cell_labels(scene)["color"]):
+                if color:
+                    tokens.append(image_tokens[cell])
+                    cells.append(cell)
+        return torch.stack(tokens), torch.tensor(cells)[:, None]  # (M, D), (M, 1)
+
+    (train_x, train_y), (test_x, test_y) = occupied(train_features, train_objects), occupied(test_features, test_objects)
+    predicted = linear_probe(train_x, train_y, test_x, classes=train_features.shape[1], seed=seed)
+    return float((predicted == test_y).float().mean())
+
+
 def probe_tower(
     vision_model: str,
     vision_pretrained: str | None,
@@ -147,13 +170,16 @@ def probe_tower(
             rate = float(occupied.float().mean())
             chance["position"] = max(rate, 1 - rate)
 
+    one_token_per_cell = train_features.shape[1] == len(cell_labels([])["color"])
+    token_cells = (cell_from_token(train_features, train_objects, test_features, test_objects, seed)
+                   if one_token_per_cell else None)
     retrieval = None
     if vision_pretrained is not None and len(test_pil) >= retrieval_pool:
         retrieval = float(caption_retrieval(vision_model, vision_pretrained, test_pil, test_captions, retrieval_pool))
     return ProbeReport(
         color=accuracy["color"], shape=accuracy["shape"], position=accuracy["position"],
         color_chance=chance["color"], shape_chance=chance["shape"], position_chance=chance["position"],
-        mean_cosine_between_images=mean_cosine_between_images(test_features),
+        mean_cosine_between_images=mean_cosine_between_images(test_features), cell_from_token=token_cells,
         retrieval=retrieval, retrieval_pool=retrieval_pool, train_images=train_images, test_images=test_images,
     )
 
