@@ -162,6 +162,25 @@ def test_generate_matches_transformers_generate_with_rows_stopping_early(tiny_mo
     assert (ours == tiny_model.pad_token_id).any(), "some row must have stopped early"
 
 
+def test_generate_passes_the_cache_under_the_name_the_language_model_takes(tiny_model, tiny_tokenizer):
+    """transformers renames ``past_key_values`` to ``cache`` (the old name warns): no warning, plain or under LoRA."""
+    import copy
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS[:2])
+    pixel_values = torch.randn(2, 3, 64, 64)
+    adapted = copy.deepcopy(tiny_model)
+    adapted.language_model = get_peft_model(adapted.language_model,
+                                            LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for model in (tiny_model, adapted):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            out = model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=3)
+        assert out.shape[0] == 2
+
+
 def _greedy_by_hand(model, prompts, pixel_values, steps, guidance_scale):
     """Guided greedy decoding the slow way: full forwards of each prompt + the tokens so far, logits mixed."""
     chosen = []

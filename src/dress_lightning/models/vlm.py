@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
@@ -171,11 +173,12 @@ class VisionLanguageModel(nn.Module):
         rows = torch.arange(batch, device=input_ids.device)  # batch row of each active sequence
         mask = attention_mask
         cache = DynamicCache(config=lm.config)
+        cache_argument = {_cache_keyword(lm): cache}
         # Left padding: positions count real tokens only (as transformers' generate does).
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = lm(inputs_embeds=self.embed(input_ids, image_features=image_features), attention_mask=mask,
-                    position_ids=positions, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1).logits[:, -1]  # (b or 2b, V)
+                    position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **cache_argument).logits[:, -1]  # (b or 2b, V)
         steps = 0
         for step in range(max_new_tokens):
             if guided:
@@ -199,10 +202,20 @@ class VisionLanguageModel(nn.Module):
                 tokens = torch.cat([tokens, tokens])
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                        past_key_values=cache, use_cache=True).logits[:, -1]
+                        use_cache=True, **cache_argument).logits[:, -1]
         if streamer is not None:
             streamer.end()
         return new_tokens[:, :steps]
+
+
+def _cache_keyword(language_model: nn.Module) -> str:
+    """The name the LM's forward takes its KV cache under.
+
+    transformers 5 renames ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); earlier 5.x
+    releases and remote-code models take the old name. A LoRA (PEFT) wrapper passes it on to its base model.
+    """
+    base = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _stack_left_padded(
