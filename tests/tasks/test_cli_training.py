@@ -53,6 +53,30 @@ def test_every_shipped_training_config_parses(config, capsys):
     assert "class_path: dress_lightning.tasks" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("arm, critique, refinement_target", [
+    ("crl", "TARGET_CRITIQUE", "own"),  # DRESS as published: the experiment's crl row
+    ("crl_judge_target_reference", "PERFECT_SHAPEWORLD_CRITIQUE", "reference"),  # = configs/crl.yaml's defaults
+])
+def test_the_target_critique_in_the_yaml_is_the_sentence_the_code_means(arm, critique, refinement_target):
+    """YAML cannot import the constants: the judge's words for a perfect answer must not drift from its code."""
+    import yaml
+
+    from dress_lightning import conditions
+
+    stacks = {"main job": ("configs/crl.yaml",)} if arm != "crl" else {}
+    stacks[arm] = next(s for s in experiment_stages([0], [arm], "val", Path("runs/x")) if s.name == f"{arm}/seed0").configs
+    for stack in stacks.values():
+        merged_critique, merged_target = None, None
+        for path in stack:
+            config = yaml.safe_load((ROOT / path).read_text()) or {}
+            condition = config.get("model", {}).get("init_args", {}).get("condition", {})
+            turns = config.get("data", {}).get("init_args", {}).get("turns", {})
+            merged_critique = condition.get("target_critique", merged_critique)
+            merged_target = turns.get("refinement_target", merged_target)
+        assert merged_critique == getattr(conditions, critique)
+        assert merged_target == refinement_target
+
+
 def test_interpolations_follow_overrides_and_overlays(capsys):
     """${...} links resolve on the merged config: a new max_steps or lr reaches the scheduler."""
     with pytest.raises(SystemExit):

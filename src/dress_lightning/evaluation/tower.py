@@ -170,7 +170,9 @@ def probe_tower(
             rate = float(occupied.float().mean())
             chance["position"] = max(rate, 1 - rate)
 
-    one_token_per_cell = train_features.shape[1] == len(cell_labels([])["color"])
+    from dress_lightning.data.shapeworld import POSITIONS
+
+    one_token_per_cell = train_features.shape[1] == len(POSITIONS)
     token_cells = (cell_from_token(train_features, train_objects, test_features, test_objects, seed)
                    if one_token_per_cell else None)
     retrieval = None
