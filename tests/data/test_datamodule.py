@@ -1,6 +1,7 @@
 """The streaming pipeline on real ShapeWorld shards: splits, epochs, skips, padding, model compatibility."""
 
 import io
+import multiprocessing
 import tarfile
 from collections import Counter
 
@@ -10,9 +11,10 @@ from PIL import Image
 
 from dress_lightning.cli import main
 from dress_lightning.conversation import IGNORE_INDEX
-from dress_lightning.data.datamodule import ShardDataModule
+from dress_lightning.data.datamodule import ShardDataModule, ensure_shapeworld_shards
 from dress_lightning.data.pipeline import EpochDataLoader, Source, StreamPosition, build_pipeline
 from dress_lightning.data.schema import decode_sample
+from dress_lightning.data.shapeworld import ShapeWorldShards
 
 SAMPLES, SHARD_SIZE = 48, 6
 
@@ -164,3 +166,27 @@ def test_the_data_order_follows_the_run_seed_unless_set(shard_dir, monkeypatch):
     run_seed_1 = order()
     assert sorted(run_seed_0) == sorted(run_seed_1) and run_seed_0 != run_seed_1
     assert order(seed=0) == run_seed_0  # an explicit data seed wins over the run's
+
+
+def _generate_after(barrier, out, spec):
+    barrier.wait()  # both processes start generating at the same moment
+    ensure_shapeworld_shards(out, spec, poll_seconds=0.05)
+
+
+def test_two_processes_generating_the_same_shapeworld_shards_write_them_once(tmp_path):
+    """Two jobs on a fresh clone used to write the same .tar.partial files and crash each other."""
+    spec = ShapeWorldShards(split="val", samples=60, seed=1, shard_size=10)
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_generate_after, args=(barrier, shared, spec)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    ensure_shapeworld_shards(alone, spec)
+    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in alone.iterdir())
+    assert not list(tmp_path.glob("*.generating")) and not list(shared.glob("*.partial"))
+    for shard in sorted(alone.glob("*.tar")):
+        assert (shared / shard.name).read_bytes() == shard.read_bytes()

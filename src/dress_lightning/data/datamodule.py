@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import lightning as L
 
+from dress_lightning.atomic import claim
 from dress_lightning.conditions import ConditionPlacement
 from dress_lightning.conversation import ConversationFormatter, TemplateName
 from dress_lightning.data.encoders import ENCODERS, PromptEncoder, SampleEncoder
@@ -27,6 +28,25 @@ from dress_lightning.models.factory import VisionLanguageConfig, build_tokenizer
 from dress_lightning.models.vision import describe_vision_tower
 
 log = logging.getLogger(__name__)
+
+
+def ensure_shapeworld_shards(out: Path, spec: ShapeWorldShards, poll_seconds: float = 1.0) -> None:
+    """Generate ``spec`` into ``out`` unless it holds samples; safe when several processes start at once.
+
+    Two jobs on a fresh clone (two evaluations, one experiment seed per core) would otherwise write the
+    same ``.tar.partial`` files and crash each other: one process claims ``{out}.generating`` and writes,
+    the others wait for the manifest it writes last (a finished set), then read the same shards.
+    """
+    manifest = out / f"shapeworld-{spec.split}-manifest.json"
+    claim_path = Path(f"{out}.generating")
+    if holds_samples(out) and not claim_path.exists():
+        return
+    with claim(claim_path, manifest.is_file, f"ShapeWorld {spec.split} shards in {out}", poll_seconds) as ours:
+        if not ours or holds_samples(out):
+            return
+        log.info("Generating %d ShapeWorld %s samples into %s (first use).", spec.samples, spec.split, out)
+        write_shapeworld(out, spec.split, spec.samples, seed=spec.seed, shard_size=spec.shard_size,
+                         question_types=spec.question_types, harmful_share=spec.harmful_share)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -139,12 +159,7 @@ class ShardDataModule(L.LightningDataModule):
                 continue
             if not isinstance(shards, str) or "{" in shards or ":" in shards:
                 raise ValueError(f"ShapeWorld shards are generated into a directory; got shards={shards!r}.")
-            out = Path(shards)
-            if holds_samples(out):
-                continue
-            log.info("Generating %d ShapeWorld %s samples into %s (first use).", spec.samples, spec.split, out)
-            write_shapeworld(out, spec.split, spec.samples, seed=spec.seed, shard_size=spec.shard_size,
-                             question_types=spec.question_types, harmful_share=spec.harmful_share)
+            ensure_shapeworld_shards(Path(shards), spec)
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is not None:
