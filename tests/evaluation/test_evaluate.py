@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 from dress_lightning.cli import main
+from dress_lightning.data.shards import expand_shard_urls, iter_samples
+from dress_lightning.data.skips import SkipLog
+from dress_lightning.evaluation.module import CANDIDATE_GROUPS, candidate_group
+from dress_lightning.feedback.annotation_judge import answers_correctly
 from dress_lightning.feedback.synonyms import COCO, object_mentions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,3 +151,22 @@ def test_guided_decoding_runs_through_first_answers_and_refinements(evaluated, t
     # Every prompt was answered, refinement turns included (the mix itself is checked in tests/models/test_vlm.py).
     guided = [r["conversation"] for r in _responses(tmp_path, "shapeworld")]
     assert len(guided) == evaluated.shapeworld_prompts and any(len(c) > 2 for c in guided)
+
+
+def test_placed_questions_are_grouped_by_their_candidates(evaluated):
+    """accuracy_by_candidates recomputed by hand from the shards' annotations and responses.jsonl."""
+    shards = evaluated.out.parent / "shapeworld"
+    records = {s.record["id"]: s.record for s in iter_samples(expand_shard_urls([str(shards)]), SkipLog())}
+    tallies: dict[str, list[bool]] = {}
+    for response in _responses(evaluated.out, "shapeworld"):
+        annotations = records[response["id"]]["annotations"]
+        query = annotations["queries"][0]
+        if query["type"] in ("color", "shape"):
+            verdict = answers_correctly(annotations, response["conversation"][:1], response["conversation"][1]["content"])
+            tallies.setdefault(f"{query['type']}: {candidate_group(query, annotations['objects'])}", []).append(verdict)
+    assert tallies  # the test prompts hold placed questions
+    metrics = evaluated.report["sets"]["shapeworld"]["metrics"]
+    assert metrics["accuracy_by_candidates"] == _approx(
+        {group: _mean(tallies[group]) if group in tallies else None for group in CANDIDATE_GROUPS})
+    markdown = (evaluated.out / "report.md").read_text()
+    assert all(f"| {group} |" in markdown for group in tallies)

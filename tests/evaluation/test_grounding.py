@@ -7,7 +7,7 @@ import torch
 
 from dress_lightning.data.shapeworld import generate_record, reference_answer
 from dress_lightning.evaluation.metrics import AnswerAccuracy, DistinctAnswers
-from dress_lightning.evaluation.module import ImageSwap
+from dress_lightning.evaluation.module import ImageSwap, candidate_group
 from dress_lightning.evaluation.tower import cell_from_token, cell_labels, linear_probe
 from dress_lightning.tasks.clip import retrieval_accuracy
 from dress_lightning.feedback.annotation_judge import answers_correctly
@@ -74,6 +74,15 @@ def test_answer_accuracy_per_type_by_hand():
     assert torch.isnan(metric.compute()["exists"])
     with pytest.raises(ValueError, match="unknown question types"):
         metric.update(torch.tensor([True]), ["count"])
+
+
+def test_candidate_groups_by_hand():
+    # Two circles: "the circle at the top left" needs its place; one square: "the square at the bottom" does not.
+    assert candidate_group({"type": "color", "position": "top left", "shape": "circle"}, OBJECTS) == "2+ candidates"
+    assert candidate_group({"type": "color", "position": "bottom", "shape": "square"}, OBJECTS) == "one candidate"
+    # A shape question names only the place: every object is a candidate.
+    assert candidate_group({"type": "shape", "position": "bottom"}, OBJECTS) == "2+ candidates"
+    assert candidate_group({"type": "shape", "position": "top left"}, [RED_CIRCLE]) == "one candidate"
 
 
 def test_distinct_answers_by_hand():

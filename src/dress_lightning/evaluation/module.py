@@ -66,6 +66,14 @@ ImageControl = Literal["image", "blank", "shuffled"]
 GROUNDED_TYPES = tuple(t for t in QUESTION_TYPES if t != HARMFUL_CATEGORY)
 """ShapeWorld question types with an exact answer (grounding accuracy)."""
 
+PLACED_TYPES = ("color", "shape")
+"""Questions about the object at a named place ("What color is the circle at the top left?")."""
+
+CANDIDATE_GROUPS = tuple(f"{t}: {g}" for t in PLACED_TYPES for g in ("one candidate", "2+ candidates"))
+"""``accuracy_by_candidates`` keys: placed questions by how many objects fit their words besides the place.
+With one candidate the place need not be read; with several, a model that sees what is there but not
+where guesses among them (chance 1 / candidates)."""
+
 DESCRIBE_TYPE = "describe"
 EXISTS_TYPE = "exists"
 
@@ -147,6 +155,7 @@ class EvaluationModule(RolloutModule):
         self.interaction = RefinementGain(max(refinement_turns, 1))
         self.score_by_turn = ScoreByTurn(max(refinement_turns, 1))
         self.accuracy = AnswerAccuracy(GROUNDED_TYPES)
+        self.accuracy_by_candidates = AnswerAccuracy(CANDIDATE_GROUPS)
         self.distinct_descriptions = DistinctAnswers()
         self.pope = POPE()
         self.prompts = SumMetric()
@@ -234,20 +243,26 @@ class EvaluationModule(RolloutModule):
 
     def _update_grounding(self, trajectories: Sequence[Trajectory]) -> None:
         """Exact accuracy of first answers to ShapeWorld questions, and distinct answers among descriptions."""
-        graded, correct, descriptions = [], [], []
+        graded, correct, descriptions, placed, placed_correct = [], [], [], [], []
         for trajectory in trajectories:
             answer = trajectory.conversation[1]["content"]
-            verdict = answers_correctly(trajectory.sample.record["annotations"], trajectory.conversation[:1], answer)
+            annotations = trajectory.sample.record["annotations"]
+            verdict = answers_correctly(annotations, trajectory.conversation[:1], answer)
             if verdict is None:  # not a ShapeWorld question with an exact answer
                 continue
-            question_type = trajectory.sample.record["annotations"]["queries"][0]["type"]
-            graded.append(question_type)
+            query = annotations["queries"][0]
+            graded.append(query["type"])
             correct.append(verdict)
-            if question_type == DESCRIBE_TYPE:
+            if query["type"] == DESCRIBE_TYPE:
                 descriptions.append(answer)
+            if query["type"] in PLACED_TYPES:
+                placed.append(f"{query['type']}: {candidate_group(query, annotations['objects'])}")
+                placed_correct.append(verdict)
         if graded:
             self.accuracy.update(torch.tensor(correct), graded)
             self.distinct_descriptions.update(descriptions)
+        if placed:
+            self.accuracy_by_candidates.update(torch.tensor(placed_correct), placed)
 
     def record(self, trajectory: Trajectory, verdict: SafetyVerdict | JudgeFailure | None) -> dict[str, Any]:
         """What ``responses.jsonl`` keeps of one prompt: the dialogue with refinements, feedback, verdict."""
@@ -287,8 +302,18 @@ class EvaluationModule(RolloutModule):
             "score_by_turn": [None if math.isnan(v) else v for v in self.score_by_turn.compute().tolist()],
             "accuracy": _floats(self.accuracy.compute()),
             "distinct_descriptions": _floats({"share": self.distinct_descriptions.compute()})["share"],
+            "accuracy_by_candidates": {
+                k: v for k, v in _floats(self.accuracy_by_candidates.compute()).items() if k != "overall"
+            },
             "pope": _floats(self.pope.compute()),
         }
+
+
+def candidate_group(query: dict[str, Any], objects: Sequence[dict[str, Any]]) -> str:
+    """Whether one object or several fit a placed question's words besides its place: a colour question
+    names the shape ("the circle at the top left"), a shape question names nothing but the place."""
+    candidates = matching_objects(objects, None, query.get("shape") if query["type"] == "color" else None)
+    return "one candidate" if len(candidates) == 1 else "2+ candidates"
 
 
 def _harmful(trajectory: Trajectory) -> bool:

@@ -113,11 +113,12 @@ def grounding_table(metrics: dict[str, Any], controls: dict[str, dict[str, Any]]
     """Exact accuracy per question type with the real images and under each blind control (% correct)."""
     names = list(controls)
     lines = ["| exact accuracy | image | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for key, value in metrics["accuracy"].items():
-        if value is None:
-            continue
-        lines.append(f"| {key} | {format_percent(value)} | "
-                     + " | ".join(format_percent(controls[n]["metrics"]["accuracy"][key]) for n in names) + " |")
+    for group in ("accuracy", "accuracy_by_candidates"):
+        for key, value in metrics.get(group, {}).items():
+            if value is None:
+                continue
+            lines.append(f"| {key} | {format_percent(value)} | "
+                         + " | ".join(format_percent(controls[n]["metrics"][group][key]) for n in names) + " |")
     lines.append(f"| distinct descriptions | {format_percent(metrics['distinct_descriptions'])} | "
                  + " | ".join(format_percent(controls[n]["metrics"]["distinct_descriptions"]) for n in names) + " |")
     return lines
