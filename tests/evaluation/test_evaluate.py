@@ -158,15 +158,18 @@ def test_placed_questions_are_grouped_by_their_candidates(evaluated):
     shards = evaluated.out.parent / "shapeworld"
     records = {s.record["id"]: s.record for s in iter_samples(expand_shard_urls([str(shards)]), SkipLog())}
     tallies: dict[str, list[bool]] = {}
+    guesses: dict[str, list[float]] = {}
     for response in _responses(evaluated.out, "shapeworld"):
         annotations = records[response["id"]]["annotations"]
         query = annotations["queries"][0]
         if query["type"] in ("color", "shape"):
             verdict = answers_correctly(annotations, response["conversation"][:1], response["conversation"][1]["content"])
-            tallies.setdefault(f"{query['type']}: {candidate_group(query, annotations['objects'])}", []).append(verdict)
+            group, guess = candidate_group(query, annotations["objects"])
+            tallies.setdefault(f"{query['type']}: {group}", []).append(verdict)
+            guesses.setdefault(f"{query['type']}: {group}", []).append(guess)
     assert tallies  # the test prompts hold placed questions
     metrics = evaluated.report["sets"]["shapeworld"]["metrics"]
-    assert metrics["accuracy_by_candidates"] == _approx(
-        {group: _mean(tallies[group]) if group in tallies else None for group in CANDIDATE_GROUPS})
+    for name, values in (("accuracy_by_candidates", tallies), ("guess_by_candidates", guesses)):
+        assert metrics[name] == _approx({g: _mean(values[g]) if g in values else None for g in CANDIDATE_GROUPS})
     markdown = (evaluated.out / "report.md").read_text()
-    assert all(f"| {group} |" in markdown for group in tallies)
+    assert "a guess among the candidates |" in markdown and all(f"| {group} |" in markdown for group in tallies)

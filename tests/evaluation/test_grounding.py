@@ -76,13 +76,16 @@ def test_answer_accuracy_per_type_by_hand():
         metric.update(torch.tensor([True]), ["count"])
 
 
-def test_candidate_groups_by_hand():
-    # Two circles: "the circle at the top left" needs its place; one square: "the square at the bottom" does not.
-    assert candidate_group({"type": "color", "position": "top left", "shape": "circle"}, OBJECTS) == "2+ candidates"
-    assert candidate_group({"type": "color", "position": "bottom", "shape": "square"}, OBJECTS) == "one candidate"
-    # A shape question names only the place: every object is a candidate.
-    assert candidate_group({"type": "shape", "position": "bottom"}, OBJECTS) == "2+ candidates"
-    assert candidate_group({"type": "shape", "position": "top left"}, [RED_CIRCLE]) == "one candidate"
+def test_candidate_groups_and_the_guess_among_them_by_hand():
+    # Two circles (red, blue): "the circle at the top left" needs its place, and a guess among them is right half
+    # the time; one square: "the square at the bottom" does not need it.
+    assert candidate_group({"type": "color", "position": "top left", "shape": "circle"}, OBJECTS) == (
+        "2+ candidates", pytest.approx(1 / 2))
+    assert candidate_group({"type": "color", "position": "bottom", "shape": "square"}, OBJECTS) == ("one candidate", 1.0)
+    # A shape question names only the place: every object is a candidate (circle, square, circle).
+    assert candidate_group({"type": "shape", "position": "bottom"}, OBJECTS) == ("2+ candidates", pytest.approx(1 / 3))
+    assert candidate_group({"type": "shape", "position": "right"}, OBJECTS) == ("2+ candidates", pytest.approx(2 / 3))
+    assert candidate_group({"type": "shape", "position": "top left"}, [RED_CIRCLE]) == ("one candidate", 1.0)
 
 
 def test_distinct_answers_by_hand():

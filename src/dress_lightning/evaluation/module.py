@@ -72,7 +72,7 @@ PLACED_TYPES = ("color", "shape")
 CANDIDATE_GROUPS = tuple(f"{t}: {g}" for t in PLACED_TYPES for g in ("one candidate", "2+ candidates"))
 """``accuracy_by_candidates`` keys: placed questions by how many objects fit their words besides the place.
 With one candidate the place need not be read; with several, a model that sees what is there but not
-where guesses among them (chance 1 / candidates)."""
+where guesses among them: ``guess_by_candidates`` is that guess's expected accuracy, from the annotations."""
 
 DESCRIBE_TYPE = "describe"
 EXISTS_TYPE = "exists"
@@ -156,6 +156,7 @@ class EvaluationModule(RolloutModule):
         self.score_by_turn = ScoreByTurn(max(refinement_turns, 1))
         self.accuracy = AnswerAccuracy(GROUNDED_TYPES)
         self.accuracy_by_candidates = AnswerAccuracy(CANDIDATE_GROUPS)
+        self.guess_by_candidates = AnswerAccuracy(CANDIDATE_GROUPS)
         self.distinct_descriptions = DistinctAnswers()
         self.pope = POPE()
         self.prompts = SumMetric()
@@ -243,7 +244,7 @@ class EvaluationModule(RolloutModule):
 
     def _update_grounding(self, trajectories: Sequence[Trajectory]) -> None:
         """Exact accuracy of first answers to ShapeWorld questions, and distinct answers among descriptions."""
-        graded, correct, descriptions, placed, placed_correct = [], [], [], [], []
+        graded, correct, descriptions, placed, placed_correct, placed_guess = [], [], [], [], [], []
         for trajectory in trajectories:
             answer = trajectory.conversation[1]["content"]
             annotations = trajectory.sample.record["annotations"]
@@ -256,13 +257,16 @@ class EvaluationModule(RolloutModule):
             if query["type"] == DESCRIBE_TYPE:
                 descriptions.append(answer)
             if query["type"] in PLACED_TYPES:
-                placed.append(f"{query['type']}: {candidate_group(query, annotations['objects'])}")
+                group, guess = candidate_group(query, annotations["objects"])
+                placed.append(f"{query['type']}: {group}")
                 placed_correct.append(verdict)
+                placed_guess.append(guess)
         if graded:
             self.accuracy.update(torch.tensor(correct), graded)
             self.distinct_descriptions.update(descriptions)
         if placed:
             self.accuracy_by_candidates.update(torch.tensor(placed_correct), placed)
+            self.guess_by_candidates.update(torch.tensor(placed_guess), placed)
 
     def record(self, trajectory: Trajectory, verdict: SafetyVerdict | JudgeFailure | None) -> dict[str, Any]:
         """What ``responses.jsonl`` keeps of one prompt: the dialogue with refinements, feedback, verdict."""
@@ -302,18 +306,22 @@ class EvaluationModule(RolloutModule):
             "score_by_turn": [None if math.isnan(v) else v for v in self.score_by_turn.compute().tolist()],
             "accuracy": _floats(self.accuracy.compute()),
             "distinct_descriptions": _floats({"share": self.distinct_descriptions.compute()})["share"],
-            "accuracy_by_candidates": {
-                k: v for k, v in _floats(self.accuracy_by_candidates.compute()).items() if k != "overall"
-            },
+            **{name: {k: v for k, v in _floats(metric.compute()).items() if k != "overall"}
+               for name, metric in (("accuracy_by_candidates", self.accuracy_by_candidates),
+                                    ("guess_by_candidates", self.guess_by_candidates))},
             "pope": _floats(self.pope.compute()),
         }
 
 
-def candidate_group(query: dict[str, Any], objects: Sequence[dict[str, Any]]) -> str:
-    """Whether one object or several fit a placed question's words besides its place: a colour question
-    names the shape ("the circle at the top left"), a shape question names nothing but the place."""
-    candidates = matching_objects(objects, None, query.get("shape") if query["type"] == "color" else None)
-    return "one candidate" if len(candidates) == 1 else "2+ candidates"
+def candidate_group(query: dict[str, Any], objects: Sequence[dict[str, Any]]) -> tuple[str, float]:
+    """Whether one object or several fit a placed question's words besides its place (a colour question
+    names the shape, "the circle at the top left"; a shape question names nothing but the place), and the
+    chance that a guess among them, ignoring the place, gives the right colour or shape."""
+    asked = query["type"]
+    candidates = matching_objects(objects, None, query.get("shape") if asked == "color" else None)
+    target = next(o for o in objects if o["position"] == query["position"])
+    guess = sum(o[asked] == target[asked] for o in candidates) / len(candidates)
+    return ("one candidate" if len(candidates) == 1 else "2+ candidates"), guess
 
 
 def _harmful(trajectory: Trajectory) -> bool:

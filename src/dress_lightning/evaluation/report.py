@@ -113,14 +113,20 @@ def grounding_table(metrics: dict[str, Any], controls: dict[str, dict[str, Any]]
     """Exact accuracy per question type with the real images and under each blind control (% correct)."""
     names = list(controls)
     lines = ["| exact accuracy | image | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for group in ("accuracy", "accuracy_by_candidates"):
-        for key, value in metrics.get(group, {}).items():
-            if value is None:
-                continue
-            lines.append(f"| {key} | {format_percent(value)} | "
-                         + " | ".join(format_percent(controls[n]["metrics"][group][key]) for n in names) + " |")
+    for key, value in metrics["accuracy"].items():
+        if value is None:
+            continue
+        lines.append(f"| {key} | {format_percent(value)} | "
+                     + " | ".join(format_percent(controls[n]["metrics"]["accuracy"][key]) for n in names) + " |")
     lines.append(f"| distinct descriptions | {format_percent(metrics['distinct_descriptions'])} | "
                  + " | ".join(format_percent(controls[n]["metrics"]["distinct_descriptions"]) for n in names) + " |")
+    placed = {k: v for k, v in metrics.get("accuracy_by_candidates", {}).items() if v is not None}
+    if placed:  # colour / shape questions: does the model find the place, or guess among what is there?
+        lines += ["", "| placed questions | image | " + " | ".join(names) + " | a guess among the candidates |",
+                  "|---|---|" + "---|" * (len(names) + 1)]
+        lines += [f"| {key} | {format_percent(value)} | "
+                  + "".join(f"{format_percent(controls[n]['metrics']['accuracy_by_candidates'][key])} | " for n in names)
+                  + f"{format_percent(metrics['guess_by_candidates'][key])} |" for key, value in placed.items()]
     return lines
 
 
