@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from dress_lightning.data.shapeworld import generate_record, reference_answer
 from dress_lightning.evaluation.metrics import AnswerAccuracy, DistinctAnswers
 from dress_lightning.evaluation.module import ImageSwap, candidate_group
-from dress_lightning.evaluation.tower import cell_from_token, cell_labels, linear_probe
+from dress_lightning.evaluation.tower import cell_from_token, cell_labels, linear_probe, own_cell_from_token
 from dress_lightning.tasks.clip import retrieval_accuracy
 from dress_lightning.feedback.annotation_judge import answers_correctly
 
@@ -145,6 +146,18 @@ def test_cell_from_token_is_high_when_tokens_carry_their_cell_and_chance_when_th
     with_cell = torch.cat([content, torch.eye(9).expand(120, 9, 9)], dim=-1)  # + a one-hot of the cell
     assert cell_from_token(with_cell[:80], objects[:80], with_cell[80:], objects[80:]) == 1.0
     assert cell_from_token(content[:80], objects[:80], content[80:], objects[80:]) < 0.3  # chance: about 1/9
+
+
+def test_own_cell_from_token_reads_a_token_that_holds_its_cell_and_not_one_that_holds_its_neighbour():
+    from dress_lightning.evaluation.tower import shapeworld_images
+
+    _, objects, _ = shapeworld_images("train", 160)
+    labels = {a: torch.tensor([cell_labels(o)[a] for o in objects]) for a in ("color", "shape")}  # (N, 9)
+    own = torch.cat([F.one_hot(labels["color"], 7), F.one_hot(labels["shape"], 5)], dim=-1).float()  # (N, 9, 12)
+    neighbour = own.roll(1, dims=1)  # each slot holds the cell before it
+    assert own_cell_from_token(own[:100], objects[:100], own[100:], objects[100:]) == {"color": 1.0, "shape": 1.0}
+    shifted = own_cell_from_token(neighbour[:100], objects[:100], neighbour[100:], objects[100:])
+    assert shifted["color"] < 0.5 and shifted["shape"] < 0.5
 
 
 def test_shapeworld_existence_questions_get_the_truth_as_a_pope_label():

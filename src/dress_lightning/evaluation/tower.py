@@ -45,6 +45,9 @@ class ProbeReport:
     mean_cosine_between_images: float
     cell_from_token: float | None
     """Accuracy of naming an occupied cell (1 of 9) from its token alone; None unless the tower has 9 tokens."""
+    own_cell_from_token: dict[str, float] | None
+    """Per attribute, accuracy of one read-out shared by all 9 slots that names the colour / shape of a token's
+    own cell from that token alone (occupied cells): does each token hold its cell? None unless 9 tokens."""
     retrieval: float | None
     retrieval_pool: int
     train_images: int
@@ -138,6 +141,23 @@ def cell_from_token(train_features: torch.Tensor, train_objects: Sequence[Sequen
     return float((predicted == test_y).float().mean())
 
 
+def own_cell_from_token(train_features: torch.Tensor, train_objects: Sequence[Sequence[dict]],
+                        test_features: torch.Tensor, test_objects: Sequence[Sequence[dict]],
+                        seed: int = 0) -> dict[str, float]:
+    """Per attribute, accuracy on occupied cells of one linear read-out, shared by every slot, that names what
+    is in a token's own cell from that token; features (N, 9, D). A language model reads every image token
+    with the same weights, so this is what it can read off one token without knowing which slot it is."""
+    tokens_train, tokens_test = train_features.flatten(0, 1), test_features.flatten(0, 1)  # (N * 9, D)
+    accuracy = {}
+    for attribute, classes in (("color", 7), ("shape", 5)):
+        train_y = torch.tensor([cell_labels(o)[attribute] for o in train_objects]).flatten()[:, None]  # (N * 9, 1)
+        test_y = torch.tensor([cell_labels(o)[attribute] for o in test_objects]).flatten()[:, None]
+        predicted = linear_probe(tokens_train, train_y, tokens_test, classes, seed=seed)
+        occupied = test_y > 0
+        accuracy[attribute] = float((predicted[occupied] == test_y[occupied]).float().mean())
+    return accuracy
+
+
 def probe_tower(
     vision_model: str,
     vision_pretrained: str | None,
@@ -175,6 +195,8 @@ def probe_tower(
     one_token_per_cell = train_features.shape[1] == len(POSITIONS)
     token_cells = (cell_from_token(train_features, train_objects, test_features, test_objects, seed)
                    if one_token_per_cell else None)
+    own_cell = (own_cell_from_token(train_features, train_objects, test_features, test_objects, seed)
+                if one_token_per_cell else None)
     retrieval = None
     if vision_pretrained is not None and len(test_pil) >= retrieval_pool:
         retrieval = float(caption_retrieval(vision_model, vision_pretrained, test_pil, test_captions, retrieval_pool))
@@ -182,6 +204,7 @@ def probe_tower(
         color=accuracy["color"], shape=accuracy["shape"], position=accuracy["position"],
         color_chance=chance["color"], shape_chance=chance["shape"], position_chance=chance["position"],
         mean_cosine_between_images=mean_cosine_between_images(test_features), cell_from_token=token_cells,
+        own_cell_from_token=own_cell,
         retrieval=retrieval, retrieval_pool=retrieval_pool, train_images=train_images, test_images=test_images,
     )
 
