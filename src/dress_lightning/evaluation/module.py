@@ -9,8 +9,9 @@ evaluation does. The axes read the trajectories:
 - honesty as CHAIR: object mentions of first answers to benign prompts in ``chair_categories``;
 - harmlessness: the judge's VLSafe verdicts and harmlessness score on harmful-intent prompts;
 - interaction: the mean judge score (over aspects) at every turn of every trajectory;
-- grounding: exact accuracy of first answers per ShapeWorld question type, and the share of distinct
-  descriptions. With ``image_control`` the same prompts are answered with a blank image or with the
+- grounding: exact accuracy of first answers per ShapeWorld question type, the colour and shape
+  questions again by how many objects fit them besides their place (beside a guess among those), and
+  the share of distinct descriptions. With ``image_control`` the same prompts are answered with a blank image or with the
   image of another prompt (a blind control): the gap to the real images is how much answers depend
   on what the model sees. The judge always reads the true annotations.
 - POPE: first answers to POPE prompts against their yes/no label (these prompts are not judged).
