@@ -35,14 +35,13 @@ def ensure_shapeworld_shards(out: Path, spec: ShapeWorldShards, poll_seconds: fl
 
     Two jobs on a fresh clone (two evaluations, one experiment seed per core) would otherwise write the
     same ``.tar.partial`` files and crash each other: one process claims ``{out}.generating`` and writes,
-    the others wait for the manifest it writes last (a finished set), then read the same shards.
+    the others wait until it lets go of the claim (the set is whole then), then find the shards there.
     """
-    manifest = out / f"shapeworld-{spec.split}-manifest.json"
     claim_path = Path(f"{out}.generating")
     if holds_samples(out) and not claim_path.exists():
         return
-    with claim(claim_path, manifest.is_file, f"ShapeWorld {spec.split} shards in {out}", poll_seconds) as ours:
-        if not ours or holds_samples(out):
+    with claim(claim_path, lambda: False, f"ShapeWorld {spec.split} shards in {out}", poll_seconds):
+        if holds_samples(out):
             return
         log.info("Generating %d ShapeWorld %s samples into %s (first use).", spec.samples, spec.split, out)
         write_shapeworld(out, spec.split, spec.samples, seed=spec.seed, shard_size=spec.shard_size,
