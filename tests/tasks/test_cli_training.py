@@ -212,6 +212,38 @@ def test_distributed_strategies_read_different_shards(tmp_path, overlay):
     assert (tmp_path / "run" / "version_0" / "metrics.csv").exists()
 
 
+def test_colour_warmup_trains_on_colour_questions_and_hands_its_weights_to_sft(tmp_path):
+    """The README's grounding recipe: the overlay's warm-up, then SFT from its checkpoint with the position embedding."""
+    import yaml
+
+    from dress_lightning.data.shards import expand_shard_urls, iter_samples
+    from dress_lightning.data.skips import SkipLog
+    from dress_lightning.inference import load_task
+    from dress_lightning.tasks import SFTTask
+
+    overlay = ROOT / "configs/overlays/colour_warmup.yaml"
+    spec = yaml.safe_load(overlay.read_text())["data"]["init_args"]["train_shapeworld"]
+    tiny_spec = {**spec, "samples": 32, "shard_size": 8}  # the overlay's questions, a CI-sized set
+    args = _fit_args("sft.yaml", tmp_path, "--data.init_args.train_shapeworld", json.dumps(tiny_spec),
+                     "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")
+    args[2:2] = ["-c", str(overlay)]  # right after sft.yaml: the test's paths and sizes still come after it
+    main(["fit", *args])
+    warmup = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    samples = list(iter_samples(expand_shard_urls([str(tmp_path / "shards" / "train")]), SkipLog()))
+    assert len(samples) == 32 and all(s.record["annotations"]["queries"][0]["type"] == "color" for s in samples)
+
+    trained = torch.load(warmup, weights_only=True)["state_dict"]
+    config = load_task(str(warmup)).model_config
+    assert config.image_position_embedding
+    sft, fresh = SFTTask(model=config, init_checkpoint=str(warmup)), SFTTask(model=config)
+    sft.configure_model()
+    fresh.configure_model()
+    assert not torch.allclose(fresh.state_dict()["model.projector.0.weight"], trained["model.projector.0.weight"])
+    torch.testing.assert_close(sft.state_dict()["model.projector.0.weight"], trained["model.projector.0.weight"])
+    torch.testing.assert_close(sft.state_dict()["model.language_model.model.norm.weight"],
+                               trained["model.language_model.model.norm.weight"])
+
+
 def test_load_task_rebuilds_the_trained_model(tmp_path):
     from dress_lightning.inference import load_task
     from dress_lightning.tasks import SFTTask
