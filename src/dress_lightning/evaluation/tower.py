@@ -67,6 +67,13 @@ def cell_labels(objects: Sequence[dict]) -> dict[str, list[int]]:
     return labels
 
 
+def attribute_classes() -> dict[str, int]:
+    """How many classes ``cell_labels`` gives each attribute: an empty cell, then the vocabulary."""
+    from dress_lightning.data.shapeworld import COLORS, SHAPES
+
+    return {"color": 1 + len(COLORS), "shape": 1 + len(SHAPES)}
+
+
 def shapeworld_images(split: str, count: int, seed: int = 0) -> tuple[list, list[list[dict]], list[list[str]]]:
     """``count`` ShapeWorld scenes of ``split``: PIL images, their objects and their captions."""
     from dress_lightning.data.shapeworld import generate_record, render_scene
@@ -149,7 +156,7 @@ def own_cell_from_token(train_features: torch.Tensor, train_objects: Sequence[Se
     with the same weights, so this is what it can read off one token without knowing which slot it is."""
     tokens_train, tokens_test = train_features.flatten(0, 1), test_features.flatten(0, 1)  # (N * 9, D)
     accuracy = {}
-    for attribute, classes in (("color", 7), ("shape", 5)):
+    for attribute, classes in attribute_classes().items():
         train_y = torch.tensor([cell_labels(o)[attribute] for o in train_objects]).flatten()[:, None]  # (N * 9, 1)
         test_y = torch.tensor([cell_labels(o)[attribute] for o in test_objects]).flatten()[:, None]
         predicted = linear_probe(tokens_train, train_y, tokens_test, classes, seed=seed)
@@ -177,7 +184,7 @@ def probe_tower(
 
     accuracy, chance = {}, {}
     train_x, test_x = train_features.flatten(1), test_features.flatten(1)
-    for attribute, classes in (("color", 7), ("shape", 5)):
+    for attribute, classes in attribute_classes().items():
         train_y = torch.tensor([cell_labels(o)[attribute] for o in train_objects])  # (N, 9)
         test_y = torch.tensor([cell_labels(o)[attribute] for o in test_objects])  # (M, 9)
         predicted = linear_probe(train_x, train_y, test_x, classes, seed=seed)
