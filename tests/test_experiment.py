@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dress_lightning.cli import main
 from dress_lightning.conversation import FORMAT_VERSION
 from dress_lightning.evaluation.intervals import HEADLINE, prompt_tallies, ratio, read_tallies
-from dress_lightning.experiment import ARMS, experiment_stages
+from dress_lightning.experiment import AFTER_WARMUP_CONFIG, ARMS, WARMUP_CONFIGS, experiment_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,24 @@ def test_graph_runs_each_stage_after_its_inputs():
         experiment_stages([0], ["dpo_typo"], "val", Path("runs/x"))
 
 
+def test_warmup_replaces_the_projector_pretraining_and_every_later_fit_keeps_its_position_embedding():
+    stages = {s.name: s for s in experiment_stages([0, 1], ["crl_round2"], "val", Path("runs/x"), warmup=True)}
+    assert "pretrain" not in stages and list(stages)[0] == "warmup"  # one warm-up, shared by the seeds
+    assert stages["warmup"].configs == WARMUP_CONFIGS
+    for seed in (0, 1):
+        sft = stages[f"sft/seed{seed}"].overrides
+        assert sft[sft.index("--model.init_args.init_checkpoint") + 1] == "runs/x/warmup/checkpoints/last.ckpt"
+    fits = [s for s in stages.values() if s.command == "fit" and s.name != "warmup"]
+    assert len(fits) == 6  # sft, crl, crl_round2 per seed
+    for stage in fits:  # after the arm's own configs, before a smoke run's overlays
+        assert stage.configs[-1] == AFTER_WARMUP_CONFIG, stage.name
+    tiny = experiment_stages([0], ["crl"], "val", Path("runs/x"), {"fit": ["tiny.yaml"]}, warmup=True)
+    assert tiny[0].configs == (*WARMUP_CONFIGS, "tiny.yaml") and tiny[1].configs[-2:] == (AFTER_WARMUP_CONFIG, "tiny.yaml")
+    model = yaml.safe_load((ROOT / AFTER_WARMUP_CONFIG).read_text())["model"]["init_args"]["model"]
+    warmup_model = yaml.safe_load((ROOT / WARMUP_CONFIGS[1]).read_text())["model"]["init_args"]["model"]
+    assert model == warmup_model == {"image_position_embedding": True}
+
+
 def _tiny_overlays(root: Path) -> list[str]:
     fit = yaml.safe_load((ROOT / "configs/overlays/ci_tiny.yaml").read_text())
     fit["trainer"]["max_steps"] = 2
@@ -62,6 +81,29 @@ def _tiny_overlays(root: Path) -> list[str]:
         path.write_text(yaml.safe_dump(overlay))
         paths += ["--overlay", f"{command}={path}"]
     return paths
+
+
+@pytest.mark.slow
+def test_a_tiny_experiment_with_warmup_trains_sft_and_crl_from_the_warmup(tmp_path, monkeypatch):
+    """--warmup end to end: warm-up, SFT from it, rollout, CRL, evaluation; the position embedding carried through."""
+    from dress_lightning.inference import load_task
+
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results.json"
+    assert main(["experiment", "--warmup", "--seeds", "0", "--arms", "crl_judge_target_reference", "--split", "val",
+                 "--json", str(out), *_tiny_overlays(tmp_path)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["provenance"]["warmup"] is True
+    assert set(summary["stage_seconds"]) >= {"warmup", "sft/seed0", "rollout/seed0", "crl_judge_target_reference/seed0"}
+    assert not Path("runs/repro/pretrain").exists()
+    warmup = torch.load("runs/repro/warmup/checkpoints/last.ckpt", weights_only=True)["state_dict"]["model.projector.0.weight"]
+    for run in ("sft", "crl_judge_target_reference"):
+        task = load_task(f"runs/repro/seed0/{run}/checkpoints/last.ckpt")
+        assert task.model_config.image_position_embedding, run
+    sft = torch.load("runs/repro/seed0/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert sft["model.projector.0.weight"].shape == warmup.shape
+    assert summary["crl_judge_target_reference"]["prompts"] == 18
 
 
 @pytest.mark.slow
