@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from dress_lightning.cli import main
@@ -59,7 +58,8 @@ def test_warmup_replaces_the_projector_pretraining_and_every_later_fit_keeps_its
     for stage in fits:  # after the arm's own configs, before a smoke run's overlays
         assert stage.configs[-1] == AFTER_WARMUP_CONFIG, stage.name
     tiny = experiment_stages([0], ["crl"], "val", Path("runs/x"), {"fit": ["tiny.yaml"]}, warmup=True)
-    assert tiny[0].configs == (*WARMUP_CONFIGS, "tiny.yaml") and tiny[1].configs[-2:] == (AFTER_WARMUP_CONFIG, "tiny.yaml")
+    assert tiny[0].configs == (*WARMUP_CONFIGS, "tiny.yaml")
+    assert tiny[1].configs[-2:] == (AFTER_WARMUP_CONFIG, "tiny.yaml")
     model = yaml.safe_load((ROOT / AFTER_WARMUP_CONFIG).read_text())["model"]["init_args"]["model"]
     warmup_model = yaml.safe_load((ROOT / WARMUP_CONFIGS[1]).read_text())["model"]["init_args"]["model"]
     assert model == warmup_model == {"image_position_embedding": True}
@@ -97,12 +97,8 @@ def test_a_tiny_experiment_with_warmup_trains_sft_and_crl_from_the_warmup(tmp_pa
     assert summary["provenance"]["warmup"] is True
     assert set(summary["stage_seconds"]) >= {"warmup", "sft/seed0", "rollout/seed0", "crl_judge_target_reference/seed0"}
     assert not Path("runs/repro/pretrain").exists()
-    warmup = torch.load("runs/repro/warmup/checkpoints/last.ckpt", weights_only=True)["state_dict"]["model.projector.0.weight"]
-    for run in ("sft", "crl_judge_target_reference"):
-        task = load_task(f"runs/repro/seed0/{run}/checkpoints/last.ckpt")
-        assert task.model_config.image_position_embedding, run
-    sft = torch.load("runs/repro/seed0/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    assert sft["model.projector.0.weight"].shape == warmup.shape
+    for run in ("warmup", "seed0/sft", "seed0/crl_judge_target_reference"):
+        assert load_task(f"runs/repro/{run}/checkpoints/last.ckpt").model_config.image_position_embedding, run
     assert summary["crl_judge_target_reference"]["prompts"] == 18
 
 

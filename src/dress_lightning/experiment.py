@@ -62,7 +62,7 @@ class Arm:
     description: str
     configs: tuple[str, ...]
     starts_from: Literal["pretrain", "sft"] = "sft"
-    """``pretrain``: the shared first stage, the projector or (``--warmup``) the colour warm-up (SFT itself);
+    """``pretrain``: the shared first stage, the projector or (``--warmup``) the grounding warm-up (SFT itself);
     ``sft``: this seed's SFT model."""
     reads_feedback: bool = False
     """Trains on this seed's NLF shards (``data.init_args.nlf_shards``)."""
@@ -116,8 +116,9 @@ MAIN_ARMS = ("sft", "sft_control", "crl", "crl_reference", "crl_judge_target_ref
 STEERING_CONDITIONS = ("low", "none")
 """Conditions a conditioned arm is also evaluated under, beside its target (``conditions.condition_for``)."""
 COMMANDS = ("fit", "rollout", "evaluate")
-WARMUP_CONFIGS = ("configs/sft.yaml", "configs/overlays/colour_warmup.yaml")
-"""``--warmup``: the shared stage SFT starts from, the colour warm-up (README, "What teaches the model where to look")."""
+WARMUP_CONFIGS = ("configs/sft.yaml", "configs/overlays/grounding_warmup.yaml")
+"""``--warmup``: the shared stage SFT starts from, the grounding warm-up (README, "What teaches the model where to
+look")."""
 AFTER_WARMUP_CONFIG = "configs/reproduce/warmup.yaml"
 """``--warmup``: after every later fit stage's own configs: the image position embedding the warm-up trained."""
 CONTROL, TREATMENT = "sft_control", "crl"
@@ -157,8 +158,9 @@ def experiment_stages(
 
     ``overlays`` maps a command (``fit``, ``rollout``, ``evaluate``) to configs that go after each of its
     stages' own (a smoke run: ``{"fit": ["configs/overlays/ci_tiny.yaml"], ...}``). ``warmup``: SFT starts
-    from the shared colour warm-up (``WARMUP_CONFIGS``, the language model and projector trained on colour
-    questions) instead of the shared projector pretraining, and every fit keeps its image position embedding.
+    from the shared grounding warm-up (``WARMUP_CONFIGS``, the language model and projector trained on colour
+    and shape questions) instead of the shared projector pretraining, and every fit keeps its image position
+    embedding.
     """
     overlays = {command: tuple(paths) for command, paths in (overlays or {}).items()}
     unknown = sorted(set(overlays) - set(COMMANDS))
@@ -441,7 +443,7 @@ def main(argv: Sequence[str]) -> int:
                         help="a config after those of every fit, rollout or evaluate stage, e.g. "
                              "fit=configs/overlays/ci_tiny.yaml (repeatable)")
     parser.add_argument("--warmup", action="store_true",
-                        help="start SFT from a shared colour warm-up (configs/overlays/colour_warmup.yaml, stage "
+                        help="start SFT from a shared grounding warm-up (configs/overlays/grounding_warmup.yaml, stage "
                              "R/warmup) instead of the shared projector pretraining; every fit then keeps the "
                              "image position embedding (configs/reproduce/warmup.yaml)")
     parser.add_argument("--json", type=Path, default=None,

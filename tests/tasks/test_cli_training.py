@@ -214,7 +214,7 @@ def test_distributed_strategies_read_different_shards(tmp_path, overlay):
     assert (tmp_path / "run" / "version_0" / "metrics.csv").exists()
 
 
-def test_colour_warmup_trains_on_colour_questions_and_hands_its_weights_to_sft(tmp_path):
+def test_grounding_warmup_trains_on_colour_and_shape_questions_and_hands_its_weights_to_sft(tmp_path):
     """The README's grounding recipe: the overlay's warm-up, then SFT from its checkpoint with the position embedding."""
     import yaml
 
@@ -223,7 +223,7 @@ def test_colour_warmup_trains_on_colour_questions_and_hands_its_weights_to_sft(t
     from dress_lightning.inference import load_task
     from dress_lightning.tasks import SFTTask
 
-    overlay = ROOT / "configs/overlays/colour_warmup.yaml"
+    overlay = ROOT / "configs/overlays/grounding_warmup.yaml"
     spec = yaml.safe_load(overlay.read_text())["data"]["init_args"]["train_shapeworld"]
     tiny_spec = {**spec, "samples": 32, "shard_size": 8}  # the overlay's questions, a CI-sized set
     args = _fit_args("sft.yaml", tmp_path, "--data.init_args.train_shapeworld", json.dumps(tiny_spec),
@@ -232,7 +232,8 @@ def test_colour_warmup_trains_on_colour_questions_and_hands_its_weights_to_sft(t
     main(["fit", *args])
     warmup = tmp_path / "run" / "checkpoints" / "last.ckpt"
     samples = list(iter_samples(expand_shard_urls([str(tmp_path / "shards" / "train")]), SkipLog()))
-    assert len(samples) == 32 and all(s.record["annotations"]["queries"][0]["type"] == "color" for s in samples)
+    assert len(samples) == 32
+    assert {s.record["annotations"]["queries"][0]["type"] for s in samples} == {"color", "shape"}
 
     trained = torch.load(warmup, weights_only=True)["state_dict"]
     config = load_task(str(warmup)).model_config
