@@ -61,9 +61,9 @@ class Arm:
 
     description: str
     configs: tuple[str, ...]
-    starts_from: Literal["pretrain", "sft"] = "sft"
-    """``pretrain``: the shared first stage, the projector or (``--warmup``) the grounding warm-up (SFT itself);
-    ``sft``: this seed's SFT model."""
+    starts_from: Literal["shared", "sft"] = "sft"
+    """``shared``: the stage shared by the seeds, the projector pretraining or (``--warmup``) the grounding warm-up
+    (SFT itself); ``sft``: this seed's SFT model."""
     reads_feedback: bool = False
     """Trains on this seed's NLF shards (``data.init_args.nlf_shards``)."""
     conditioned: bool = False
@@ -81,7 +81,7 @@ def _crl(description: str, *levers: str) -> Arm:
 
 
 ARMS: dict[str, Arm] = {
-    "sft": Arm("SFT", ("configs/sft.yaml", "configs/reproduce/sft.yaml"), starts_from="pretrain"),
+    "sft": Arm("SFT", ("configs/sft.yaml", "configs/reproduce/sft.yaml"), starts_from="shared"),
     "sft_control": Arm(
         "SFT + as many steps as CRL (control)",
         ("configs/sft.yaml", "configs/reproduce/sft.yaml", "configs/reproduce/sft_control.yaml"),
@@ -116,6 +116,8 @@ MAIN_ARMS = ("sft", "sft_control", "crl", "crl_reference", "crl_judge_target_ref
 STEERING_CONDITIONS = ("low", "none")
 """Conditions a conditioned arm is also evaluated under, beside its target (``conditions.condition_for``)."""
 COMMANDS = ("fit", "rollout", "evaluate")
+PRETRAIN_CONFIGS = ("configs/pretrain.yaml", "configs/reproduce/pretrain.yaml")
+"""The stage shared by the seeds by default: projector-only caption pretraining."""
 WARMUP_CONFIGS = ("configs/sft.yaml", "configs/overlays/grounding_warmup.yaml")
 """``--warmup``: the shared stage SFT starts from, the grounding warm-up (README, "What teaches the model where to
 look")."""
@@ -171,13 +173,12 @@ def experiment_stages(
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
     arms = with_prerequisites(arms)
-    start_name, start_configs = (("warmup", WARMUP_CONFIGS) if warmup else
-                                 ("pretrain", ("configs/pretrain.yaml", "configs/reproduce/pretrain.yaml")))
-    first = run_dir / start_name
+    shared_name, shared_configs = ("warmup", WARMUP_CONFIGS) if warmup else ("pretrain", PRETRAIN_CONFIGS)
+    shared = run_dir / shared_name
     # The tower (runs/clip) is not listed: the first fit that reads it builds it, as the main job does.
     stages = [
-        Stage(start_name, "fit", (*start_configs, *fit_overlays), str(checkpoint(first)),
-              _fit_plumbing(first, 0, None, None)),
+        Stage(shared_name, "fit", (*shared_configs, *fit_overlays), str(checkpoint(shared)),
+              _fit_plumbing(shared, 0, None, None)),
     ]
     if warmup:
         fit_overlays = (AFTER_WARMUP_CONFIG, *fit_overlays)
@@ -191,7 +192,7 @@ def experiment_stages(
 
         for arm in arms:
             spec = ARMS[arm]
-            start = checkpoint(first if spec.starts_from == "pretrain" else root / (spec.continues or "sft"))
+            start = checkpoint(shared if spec.starts_from == "shared" else root / (spec.continues or "sft"))
             feedback = nlf
             if spec.continues is not None:  # this round's feedback: the previous round's model, judged
                 feedback = root / f"{arm}_nlf"
