@@ -140,6 +140,7 @@ def main() -> None:
             "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
             f"      init_args: {{dirpath: runs/sft/checkpoints, save_last: true, every_n_train_steps: {args.steps}}}\n"
             f"data:\n  init_args:\n    train_shards: {train}\n    val_shards: null\n    val_shapeworld: null\n"
+            "model:\n  init_args:\n    init_checkpoint: null\n"  # SFT's memory; where it starts does not change it
         )
         cmd = [sys.executable, "-m", "dress_lightning", "fit", "-c", str(REPO / "configs/sft.yaml"), "-c", str(overlay)]
         run = run_sampled(cmd, cwd=tmp, env=env)

@@ -11,7 +11,8 @@ import yaml
 from dress_lightning.cli import main
 from dress_lightning.conversation import FORMAT_VERSION
 from dress_lightning.evaluation.intervals import HEADLINE, prompt_tallies, ratio, read_tallies
-from dress_lightning.experiment import AFTER_WARMUP_CONFIG, ARMS, WARMUP_CONFIGS, experiment_stages
+from dress_lightning.experiment import ARMS, experiment_stages
+from dress_lightning.stages import GROUNDING_WARMUP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,8 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_graph_runs_each_stage_after_its_inputs():
     stages = experiment_stages([0, 1], ["crl", "sft_control"], "val", Path("runs/x"))
     names = [s.name for s in stages]
-    assert names.count("pretrain") == 1  # shared by the seeds
+    # One grounding warm-up, the main job's, shared by the seeds: every seed's SFT starts from it.
+    assert names[0] == "warmup" and names.count("warmup") == 1
+    assert stages[0].configs == GROUNDING_WARMUP.configs
     for seed in (0, 1):
+        sft = stages[names.index(f"sft/seed{seed}")].overrides
+        assert sft[sft.index("--model.init_args.init_checkpoint") + 1] == "runs/x/warmup/checkpoints/last.ckpt"
         order = [f"sft/seed{seed}", f"rollout/seed{seed}", f"crl/seed{seed}", f"eval_val_crl/seed{seed}"]
         assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
         crl = stages[names.index(f"crl/seed{seed}")]
@@ -46,25 +51,6 @@ def test_graph_runs_each_stage_after_its_inputs():
         experiment_stages([0], ["dpo_typo"], "val", Path("runs/x"))
 
 
-def test_warmup_replaces_the_projector_pretraining_and_every_later_fit_keeps_its_position_embedding():
-    stages = {s.name: s for s in experiment_stages([0, 1], ["crl_round2"], "val", Path("runs/x"), warmup=True)}
-    assert "pretrain" not in stages and list(stages)[0] == "warmup"  # one warm-up, shared by the seeds
-    assert stages["warmup"].configs == WARMUP_CONFIGS
-    for seed in (0, 1):
-        sft = stages[f"sft/seed{seed}"].overrides
-        assert sft[sft.index("--model.init_args.init_checkpoint") + 1] == "runs/x/warmup/checkpoints/last.ckpt"
-    fits = [s for s in stages.values() if s.command == "fit" and s.name != "warmup"]
-    assert len(fits) == 6  # sft, crl, crl_round2 per seed
-    for stage in fits:  # after the arm's own configs, before a smoke run's overlays
-        assert stage.configs[-1] == AFTER_WARMUP_CONFIG, stage.name
-    tiny = experiment_stages([0], ["crl"], "val", Path("runs/x"), {"fit": ["tiny.yaml"]}, warmup=True)
-    assert tiny[0].configs == (*WARMUP_CONFIGS, "tiny.yaml")
-    assert tiny[1].configs[-2:] == (AFTER_WARMUP_CONFIG, "tiny.yaml")
-    model = yaml.safe_load((ROOT / AFTER_WARMUP_CONFIG).read_text())["model"]["init_args"]["model"]
-    warmup_model = yaml.safe_load((ROOT / WARMUP_CONFIGS[1]).read_text())["model"]["init_args"]["model"]
-    assert model == warmup_model == {"image_position_embedding": True}
-
-
 def _tiny_overlays(root: Path) -> list[str]:
     fit = yaml.safe_load((ROOT / "configs/overlays/ci_tiny.yaml").read_text())
     fit["trainer"]["max_steps"] = 2
@@ -84,26 +70,9 @@ def _tiny_overlays(root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_tiny_experiment_with_warmup_trains_sft_and_crl_from_the_warmup(tmp_path, monkeypatch):
-    """--warmup end to end: warm-up, SFT from it, rollout, CRL, evaluation; the position embedding carried through."""
+def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, capsys):
     from dress_lightning.inference import load_task
 
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "results.json"
-    assert main(["experiment", "--warmup", "--seeds", "0", "--arms", "crl_judge_target_reference", "--split", "val",
-                 "--json", str(out), *_tiny_overlays(tmp_path)]) == 0
-    summary = json.loads(out.read_text())
-    assert summary["provenance"]["warmup"] is True
-    assert set(summary["stage_seconds"]) >= {"warmup", "sft/seed0", "rollout/seed0", "crl_judge_target_reference/seed0"}
-    assert not Path("runs/repro/pretrain").exists()
-    for run in ("warmup", "seed0/sft", "seed0/crl_judge_target_reference"):
-        assert load_task(f"runs/repro/{run}/checkpoints/last.ckpt").model_config.image_position_embedding, run
-    assert summary["crl_judge_target_reference"]["prompts"] == 18
-
-
-@pytest.mark.slow
-def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, capsys):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results.json"
@@ -144,7 +113,9 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
                 continue  # no true positive: F1 = 2TP / (2TP + FP + FN) is 0 where POPE's 2PR / (P + R) is undefined
             assert (got is None and expected is None) or got == pytest.approx(expected), (name, key)
     assert set(summary["comparisons"]) == {"crl_vs_sft_control", "crl_round2_vs_sft_control", "crl_round2_vs_crl"}
-    assert set(summary["stage_seconds"]) >= {"pretrain", "sft/seed3", "rollout/seed3", "crl/seed3"}
+    assert set(summary["stage_seconds"]) >= {"warmup", "sft/seed3", "rollout/seed3", "crl/seed3"}
+    for run in ("warmup", "seed3/sft", "seed3/crl"):  # the warm-up's image position embedding, carried through
+        assert load_task(f"runs/repro/{run}/checkpoints/last.ckpt").model_config.image_position_embedding, run
     made_with = summary["provenance"]["evaluations"]["crl"][0]
     assert made_with["conversation_format"] == FORMAT_VERSION and made_with["seed"] == 3
     assert made_with["checkpoint"] == "runs/repro/seed3/crl/checkpoints/last.ckpt"

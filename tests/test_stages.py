@@ -28,13 +28,23 @@ def _composed(*args: str) -> str:
 
 
 def _write_tiny_default_configs(root: Path) -> None:
-    """configs/{clip,sft,rollout,crl}.yaml under ``root``: the shipped ones, tiny, with the shipped paths."""
+    """configs/{clip,sft,rollout,crl}.yaml and the warm-up's overlay under ``root``: the shipped ones, tiny, with
+    the shipped paths."""
     configs = root / "configs"
-    configs.mkdir()
+    (configs / "overlays").mkdir(parents=True)
     tower = ["--model.init_args.model.vision_pretrained", "runs/clip/tower.safetensors"]
-    (configs / "clip.yaml").write_text(_composed("-c", str(ROOT / "configs/clip.yaml"), "-c", TINY))
-    (configs / "sft.yaml").write_text(_composed("-c", str(ROOT / "configs/sft.yaml"), "-c", TINY, *tower,
-                                                "--trainer.max_steps", "2"))
+    shipped = yaml.safe_load(Path(TINY).read_text())
+    del shipped["model"]["init_args"]["init_checkpoint"]  # not an option of the clip stage's task
+    clip_tiny = root / "clip_tiny.yaml"
+    clip_tiny.write_text(yaml.safe_dump(shipped))
+    (configs / "clip.yaml").write_text(_composed("-c", str(ROOT / "configs/clip.yaml"), "-c", str(clip_tiny)))
+    (configs / "sft.yaml").write_text(_composed(
+        "-c", str(ROOT / "configs/sft.yaml"), "-c", TINY, *tower, "--trainer.max_steps", "2",
+        "--model.init_args.init_checkpoint", "runs/grounding_warmup/checkpoints/last.ckpt"))
+    warmup = yaml.safe_load((ROOT / "configs/overlays/grounding_warmup.yaml").read_text())
+    warmup["data"]["init_args"].update(batch_size=4, train_shapeworld={
+        **warmup["data"]["init_args"]["train_shapeworld"], "samples": 16, "shard_size": 8})
+    (configs / "overlays" / "grounding_warmup.yaml").write_text(yaml.safe_dump(warmup))
     crl = _composed("-c", str(ROOT / "configs/crl.yaml"), "-c", TINY, *tower, "--data.init_args.epoch_length", "32")
     (configs / "crl.yaml").write_text(crl)
     rollout = yaml.safe_load((ROOT / "configs/rollout.yaml").read_text())
@@ -46,11 +56,12 @@ def _write_tiny_default_configs(root: Path) -> None:
 
 @pytest.mark.slow
 def test_main_job_builds_the_whole_graph_once(tmp_path, monkeypatch):
-    """fit -c configs/crl.yaml on a fresh tree: clip -> sft -> rollout run first, each once, then CRL."""
+    """fit -c configs/crl.yaml on a fresh tree: clip -> grounding warm-up -> sft -> rollout run first, each once,
+    then CRL."""
     _write_tiny_default_configs(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "-c", "configs/crl.yaml"]) == 0
-    for stage in ("clip", "sft", "rollout"):
+    for stage in ("clip", "grounding_warmup", "sft", "rollout"):
         assert exists(next(s.output for s in DEFAULT_STAGES if s.name == stage)), stage
     assert Path("runs/crl/checkpoints/last.ckpt").is_file()
     assert Path("runs/clip/tower.json").is_file()  # provenance of the exported tower

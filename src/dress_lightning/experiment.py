@@ -4,8 +4,7 @@
 
 The graph (``experiment_stages``), with ``R = --run-dir`` (default ``runs/repro``)::
 
-    clip (runs/clip, shared with the main job) -> pretrain (R/pretrain, shared by the seeds)
-      [--warmup: -> warmup (R/warmup, shared by the seeds) instead of pretrain]
+    clip (runs/clip, shared with the main job) -> grounding warm-up (R/warmup, shared by the seeds)
       -> per seed s:  R/seed{s}/sft -> R/seed{s}/nlf (rollout of that SFT model, sampled with seed s)
                       -> every other arm, from that SFT model (``crl``, its ablations and levers, ``rft``,
                          ``dpo`` on that NLF; ``crl_round2`` rolls out ``crl`` and trains it again)
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dress_lightning.atomic import atomic_write_text, claim
-from dress_lightning.stages import Stage, exists, run_stage
+from dress_lightning.stages import GROUNDING_WARMUP, Stage, exists, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,8 @@ class Arm:
     description: str
     configs: tuple[str, ...]
     starts_from: Literal["shared", "sft"] = "sft"
-    """``shared``: the stage shared by the seeds, the projector pretraining or (``--warmup``) the grounding warm-up
-    (SFT itself); ``sft``: this seed's SFT model."""
+    """``shared``: the stage shared by the seeds, the grounding warm-up (SFT itself); ``sft``: this seed's SFT
+    model."""
     reads_feedback: bool = False
     """Trains on this seed's NLF shards (``data.init_args.nlf_shards``)."""
     conditioned: bool = False
@@ -116,13 +115,6 @@ MAIN_ARMS = ("sft", "sft_control", "crl", "crl_reference", "crl_judge_target_ref
 STEERING_CONDITIONS = ("low", "none")
 """Conditions a conditioned arm is also evaluated under, beside its target (``conditions.condition_for``)."""
 COMMANDS = ("fit", "rollout", "evaluate")
-PRETRAIN_CONFIGS = ("configs/pretrain.yaml", "configs/reproduce/pretrain.yaml")
-"""The stage shared by the seeds by default: projector-only caption pretraining."""
-WARMUP_CONFIGS = ("configs/sft.yaml", "configs/overlays/grounding_warmup.yaml")
-"""``--warmup``: the shared stage SFT starts from, the grounding warm-up (README, "What teaches the model where to
-look")."""
-AFTER_WARMUP_CONFIG = "configs/reproduce/warmup.yaml"
-"""``--warmup``: after every later fit stage's own configs: the image position embedding the warm-up trained."""
 CONTROL, TREATMENT = "sft_control", "crl"
 
 EVAL_CONFIGS = {
@@ -154,15 +146,12 @@ def checkpoint(run: Path) -> Path:
 
 def experiment_stages(
     seeds: Sequence[int], arms: Sequence[str], split: Literal["val", "test"], run_dir: Path,
-    overlays: Mapping[str, Sequence[str]] | None = None, warmup: bool = False,
+    overlays: Mapping[str, Sequence[str]] | None = None,
 ) -> list[Stage]:
     """The stages of the experiment, in an order that runs each after its inputs.
 
     ``overlays`` maps a command (``fit``, ``rollout``, ``evaluate``) to configs that go after each of its
-    stages' own (a smoke run: ``{"fit": ["configs/overlays/ci_tiny.yaml"], ...}``). ``warmup``: SFT starts
-    from the shared grounding warm-up (``WARMUP_CONFIGS``, the language model and projector trained on colour
-    and shape questions) instead of the shared projector pretraining, and every fit keeps its image position
-    embedding.
+    stages' own (a smoke run: ``{"fit": ["configs/overlays/ci_tiny.yaml"], ...}``).
     """
     overlays = {command: tuple(paths) for command, paths in (overlays or {}).items()}
     unknown = sorted(set(overlays) - set(COMMANDS))
@@ -173,15 +162,12 @@ def experiment_stages(
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
     arms = with_prerequisites(arms)
-    shared_name, shared_configs = ("warmup", WARMUP_CONFIGS) if warmup else ("pretrain", PRETRAIN_CONFIGS)
-    shared = run_dir / shared_name
+    shared = run_dir / "warmup"
     # The tower (runs/clip) is not listed: the first fit that reads it builds it, as the main job does.
     stages = [
-        Stage(shared_name, "fit", (*shared_configs, *fit_overlays), str(checkpoint(shared)),
+        Stage("warmup", "fit", (*GROUNDING_WARMUP.configs, *fit_overlays), str(checkpoint(shared)),
               _fit_plumbing(shared, 0, None, None)),
     ]
-    if warmup:
-        fit_overlays = (AFTER_WARMUP_CONFIG, *fit_overlays)
     for seed in seeds:
         root = run_dir / f"seed{seed}"
         sft, nlf = root / "sft", root / "nlf"
@@ -443,10 +429,6 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--overlay", action="append", default=[], metavar="COMMAND=YAML", type=_overlay,
                         help="a config after those of every fit, rollout or evaluate stage, e.g. "
                              "fit=configs/overlays/ci_tiny.yaml (repeatable)")
-    parser.add_argument("--warmup", action="store_true",
-                        help="start SFT from a shared grounding warm-up (configs/overlays/grounding_warmup.yaml, stage "
-                             "R/warmup) instead of the shared projector pretraining; every fit then keeps the "
-                             "image position embedding (configs/reproduce/warmup.yaml)")
     parser.add_argument("--json", type=Path, default=None,
                         help="write the results here too (bench/results/shapeworld_reproduction.json for test)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here too")
@@ -455,7 +437,7 @@ def main(argv: Sequence[str]) -> int:
     overlays: dict[str, list[str]] = {}
     for command, path in args.overlay:
         overlays.setdefault(command, []).append(path)
-    stages = experiment_stages(args.seeds, args.arms, args.split, args.run_dir, overlays, warmup=args.warmup)
+    stages = experiment_stages(args.seeds, args.arms, args.split, args.run_dir, overlays)
     if args.dry_run:
         for stage in stages:
             print(f"{'done' if exists(stage.output) else 'todo'}  {stage.name}: {stage.describe()}")
@@ -464,7 +446,7 @@ def main(argv: Sequence[str]) -> int:
     run_experiment(stages, args.run_dir / "timings.json")
     arms = with_prerequisites(args.arms)
     summary = summarize(args.seeds, arms, args.split, args.run_dir)
-    summary["provenance"].update(warmup=args.warmup, wall_seconds_this_run=round(time.perf_counter() - start, 1))
+    summary["provenance"].update(wall_seconds_this_run=round(time.perf_counter() - start, 1))
     text = json.dumps(summary, indent=2) + "\n"
     (args.run_dir / f"results_{args.split}.json").write_text(text)
     table = markdown(summary)

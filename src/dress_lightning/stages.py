@@ -1,7 +1,10 @@
 """The stage graph of the embedded default, and the runner that builds a command's missing inputs first.
 
-    ShapeWorld shards -> clip (vision tower) -> pretrain (projector) -> sft -> rollout (NLF shards)
-                      -> crl (or another objective) -> evaluate
+    ShapeWorld shards -> clip (vision tower) -> grounding_warmup (projector + LM on where-questions) -> sft
+                      -> rollout (NLF shards) -> crl (or another objective) -> evaluate
+
+(``pretrain``, LLaVA's stage 1 that trains the projector alone on captions, is a stage too; SFT starts from it
+with a real model, and from the warm-up on ShapeWorld.)
 
 Each stage is a command (``fit``, ``rollout`` or ``evaluate``) over composed configs and overrides
 that writes one output, run in this process through the command's library function
@@ -66,9 +69,14 @@ class Stage:
         return " ".join(["python -m dress_lightning", command, *self.arguments()])
 
 
+GROUNDING_WARMUP = Stage("grounding_warmup", "fit", ("configs/sft.yaml", "configs/overlays/grounding_warmup.yaml"),
+                         "runs/grounding_warmup/checkpoints/last.ckpt")
+"""The stage SFT starts from (configs/sft.yaml's ``init_checkpoint``); the experiment's seeds share one."""
+
 DEFAULT_STAGES: tuple[Stage, ...] = (
     Stage("clip", "fit", ("configs/clip.yaml",), "runs/clip/tower.safetensors"),
     Stage("pretrain", "fit", ("configs/pretrain.yaml",), "runs/pretrain/checkpoints/last.ckpt"),
+    GROUNDING_WARMUP,
     Stage("sft", "fit", ("configs/sft.yaml",), "runs/sft/checkpoints/last.ckpt"),
     Stage("rollout", "rollout", ("configs/rollout.yaml",), "data/shards/nlf/shapeworld"),
 )

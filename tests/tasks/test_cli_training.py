@@ -94,13 +94,11 @@ def test_rollout_config_parses(capsys):
 
 
 EVAL_CONFIGS = [ROOT / "configs/eval.yaml", ROOT / "configs/eval_real.yaml", ROOT / "configs/eval_val.yaml"]
-# One of each kind of stage of the experiment (every arm, the rollout, both evaluations, with and without
-# the warm-up), as it runs them.
+# One of each kind of stage of the experiment (the warm-up, every arm, the rollout, both evaluations), as it runs them.
 EXPERIMENT_STAGES = {
     (stage.command, stage.configs): stage
     for split in ("val", "test")
-    for warmup in (False, True)
-    for stage in experiment_stages([0], list(ARMS), split, Path("runs/repro"), warmup=warmup)
+    for stage in experiment_stages([0], list(ARMS), split, Path("runs/repro"))
 }
 
 
