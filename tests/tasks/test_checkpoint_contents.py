@@ -75,5 +75,5 @@ def test_a_checkpoint_loads_without_its_init_checkpoint_unless_frozen_weights_ca
     init.rename(tmp_path / "moved.ckpt")
     after = load_task(str(trained)).state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(FileNotFoundError, match=r"init\.ckpt.*2 frozen tensor\(s\) of the model come from it"):
-        load_task(str(frozen))  # the frozen projector (weight and bias) was the init checkpoint's
+    with pytest.raises(FileNotFoundError, match=r"init\.ckpt.*3 frozen tensor\(s\) of the model come from it"):
+        load_task(str(frozen))  # the frozen projector (position embedding, weight, bias) was the init checkpoint's
