@@ -13,7 +13,7 @@ import yaml
 from dress_lightning.cli import main
 from dress_lightning.data.shapeworld import generate_sample
 from dress_lightning.data.schema import encode_sample
-from dress_lightning.stages import DEFAULT_STAGES, Stage, build_missing_inputs, exists, producer
+from dress_lightning.stages import DEFAULT_STAGES, GROUNDING_WARMUP, Stage, build_missing_inputs, exists, producer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/overlays/ci_tiny.yaml")
@@ -40,7 +40,7 @@ def _write_tiny_default_configs(root: Path) -> None:
     (configs / "clip.yaml").write_text(_composed("-c", str(ROOT / "configs/clip.yaml"), "-c", str(clip_tiny)))
     (configs / "sft.yaml").write_text(_composed(
         "-c", str(ROOT / "configs/sft.yaml"), "-c", TINY, *tower, "--trainer.max_steps", "2",
-        "--model.init_args.init_checkpoint", "runs/grounding_warmup/checkpoints/last.ckpt"))
+        "--model.init_args.init_checkpoint", GROUNDING_WARMUP.output))
     warmup = yaml.safe_load((ROOT / "configs/overlays/grounding_warmup.yaml").read_text())
     warmup["data"]["init_args"].update(batch_size=4, train_shapeworld={
         **warmup["data"]["init_args"]["train_shapeworld"], "samples": 16, "shard_size": 8})

@@ -60,9 +60,8 @@ class Arm:
 
     description: str
     configs: tuple[str, ...]
-    starts_from: Literal["shared", "sft"] = "sft"
-    """``shared``: the stage shared by the seeds, the grounding warm-up (SFT itself); ``sft``: this seed's SFT
-    model."""
+    starts_from: Literal["warmup", "sft"] = "sft"
+    """``warmup``: the grounding warm-up the seeds share (SFT itself); ``sft``: this seed's SFT model."""
     reads_feedback: bool = False
     """Trains on this seed's NLF shards (``data.init_args.nlf_shards``)."""
     conditioned: bool = False
@@ -80,7 +79,7 @@ def _crl(description: str, *levers: str) -> Arm:
 
 
 ARMS: dict[str, Arm] = {
-    "sft": Arm("SFT", ("configs/sft.yaml", "configs/reproduce/sft.yaml"), starts_from="shared"),
+    "sft": Arm("SFT", ("configs/sft.yaml", "configs/reproduce/sft.yaml"), starts_from="warmup"),
     "sft_control": Arm(
         "SFT + as many steps as CRL (control)",
         ("configs/sft.yaml", "configs/reproduce/sft.yaml", "configs/reproduce/sft_control.yaml"),
@@ -162,11 +161,11 @@ def experiment_stages(
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
     arms = with_prerequisites(arms)
-    shared = run_dir / "warmup"
+    warmup = run_dir / "warmup"
     # The tower (runs/clip) is not listed: the first fit that reads it builds it, as the main job does.
     stages = [
-        Stage("warmup", "fit", (*GROUNDING_WARMUP.configs, *fit_overlays), str(checkpoint(shared)),
-              _fit_plumbing(shared, 0, None, None)),
+        Stage("warmup", "fit", (*GROUNDING_WARMUP.configs, *fit_overlays), str(checkpoint(warmup)),
+              _fit_plumbing(warmup, 0, None, None)),
     ]
     for seed in seeds:
         root = run_dir / f"seed{seed}"
@@ -178,7 +177,7 @@ def experiment_stages(
 
         for arm in arms:
             spec = ARMS[arm]
-            start = checkpoint(shared if spec.starts_from == "shared" else root / (spec.continues or "sft"))
+            start = checkpoint(warmup if spec.starts_from == "warmup" else root / (spec.continues or "sft"))
             feedback = nlf
             if spec.continues is not None:  # this round's feedback: the previous round's model, judged
                 feedback = root / f"{arm}_nlf"
