@@ -148,6 +148,40 @@ def test_processes_sharing_a_run_directory_keep_each_others_stage_times(tmp_path
     assert json.loads(timings.read_text()) == {"other/sft": 1.0, "sft": 2.0, "other/crl": 1.0, "crl": 2.0}
 
 
+def test_a_process_runs_what_another_does_not_hold_and_waits_only_for_what_it_needs(tmp_path, monkeypatch):
+    """Two processes on one seed split its arms: while another process trains an arm, this one trains the next
+    arm instead of waiting, and evaluates the other's arm only once its checkpoint is written."""
+    import subprocess
+    import sys
+
+    from dress_lightning import experiment
+    from dress_lightning.stages import Stage
+
+    crl = Stage("crl/seed0", "fit", (), str(tmp_path / "crl.ckpt"))
+    eval_crl = Stage("eval_val_crl/seed0", "evaluate", (), str(tmp_path / "eval_crl.json"),
+                     ("--checkpoint", crl.output))
+    rft = Stage("rft/seed0", "fit", (), str(tmp_path / "rft.ckpt"))
+    ran = []
+
+    def run_stage(stage):
+        ran.append((stage.name, Path(crl.output).exists()))
+        Path(stage.output).write_text("done")
+        return 1.0
+
+    monkeypatch.setattr(experiment, "run_stage", run_stage)
+    other = subprocess.Popen([sys.executable, "-c", f"import time, pathlib; time.sleep(1.5); "
+                              f"pathlib.Path({crl.output!r}).write_text('done by the other process'); "
+                              f"pathlib.Path({crl.output + '.running'!r}).unlink()"])
+    Path(f"{crl.output}.running").write_text(str(other.pid))
+
+    experiment.run_experiment([crl, eval_crl, rft], tmp_path / "timings.json", poll_seconds=0.2)
+    other.wait()
+    # rft ran while crl was still being trained elsewhere; the evaluation waited for crl's checkpoint.
+    assert ran == [("rft/seed0", False), ("eval_val_crl/seed0", True)]
+    assert Path(crl.output).read_text() == "done by the other process"
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"rft/seed0", "eval_val_crl/seed0"}
+
+
 def test_a_stage_another_process_runs_is_waited_for_and_a_dead_claim_taken_over(tmp_path, monkeypatch):
     """Processes sharing a run directory never run a stage twice, and a claim left by a killed one does not block."""
     import subprocess

@@ -60,10 +60,26 @@ def claim(path: Path, done: Callable[[], bool], name: str, poll_seconds: float =
     process holds the claim, waits; a claim whose process is gone is taken over. The claim is released on exit.
     """
     waiting = False
-    while not _create_claim(path):
+    while not try_claim(path, name):
         if done():
             yield False
             return
+        if not waiting:
+            log.warning("%s: process %s is on it (%s); waiting for it.", name, _claim_owner(path), path)
+            waiting = True
+        time.sleep(poll_seconds)
+    try:
+        yield not done()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def try_claim(path: Path, name: str) -> bool:
+    """Create the claim ``path`` for this process unless another live process holds it (then False, at once).
+
+    A claim whose process is gone is taken over. The caller releases a claim it got by deleting ``path``.
+    """
+    while not _create_claim(path):
         owner = _claim_owner(path)
         if owner is None and time.time() - _mtime(path) < STALE_CLAIM_SECONDS:
             time.sleep(0.1)  # just created: its process id is not written yet
@@ -72,14 +88,8 @@ def claim(path: Path, done: Callable[[], bool], name: str, poll_seconds: float =
             log.warning("%s: the process that claimed it (%s) is gone; taking it over.", name, owner)
             path.unlink(missing_ok=True)
             continue
-        if not waiting:
-            log.warning("%s: process %d is on it (%s); waiting for it.", name, owner, path)
-            waiting = True
-        time.sleep(poll_seconds)
-    try:
-        yield not done()
-    finally:
-        path.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _create_claim(path: Path) -> bool:

@@ -17,8 +17,9 @@ options) and overrides that hold the plumbing (the seed, where it writes, what i
 stage whose output exists is skipped, so an interrupted experiment resumes where it stopped;
 ``--dry-run`` prints the commands. Several processes may share a run directory (e.g. one seed per core,
 or the arms of one seed split over cores): a stage being run is claimed by a ``{output}.running`` file
-holding the runner's process id (``atomic.claim``), and another process that reaches it waits for it
-instead of running it twice (a claim whose process is gone is taken over). Each seed draws its own
+holding the runner's process id (``atomic.try_claim``), and another process that reaches it goes on with
+the stages it can run (their inputs written, held by nobody), coming back to it instead of running it
+twice (a claim whose process is gone is taken over). Each seed draws its own
 training data order (``seed_everything``, which the data modules follow), rollout samples (the rollout
 seed) and evaluation sampling; the evaluation prompts are the same for every seed and arm (fixed
 shards), so arms are compared paired, prompt by prompt.
@@ -40,11 +41,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from dress_lightning.atomic import atomic_write_text, claim
+from dress_lightning.atomic import atomic_write_text, try_claim
 from dress_lightning.stages import GROUNDING_WARMUP, Stage, exists, run_stage
 
 log = logging.getLogger(__name__)
@@ -215,25 +215,53 @@ def evaluation_name(arm: str, condition: str) -> str:
 
 
 def run_experiment(stages: Sequence[Stage], timings: Path, poll_seconds: float = 10.0) -> None:
-    """Run the stages whose output is missing, in order; each one's wall time goes to ``timings``.
+    """Run the stages whose output is missing, each after the stages whose outputs it reads; each one's wall
+    time goes to ``timings``.
 
-    A stage another process is running (``{output}.running``) is waited for, not run twice.
+    A stage another process is running (``{output}.running``) is not run twice: this process goes on with the
+    next stage it can run (in order, its inputs written, held by nobody) and comes back to it; it waits only
+    when every stage left is held or waits for one that is.
     """
-    for i, stage in enumerate(stages, 1):
-        if exists(stage.output):
-            log.warning("[%d/%d] %s: %s exists, skipped.", i, len(stages), stage.name, stage.output)
-            continue
-        with claim(Path(f"{stage.output}.running"), partial(exists, stage.output), stage.name, poll_seconds) as ours:
-            if not ours:
-                log.warning("[%d/%d] %s: another process ran it, skipped.", i, len(stages), stage.name)
+    numbers = {stage: i for i, stage in enumerate(stages, 1)}
+    producers = {stage: [s for s in stages if s.output in stage.overrides] for stage in stages}
+    left, busy = list(stages), set()
+
+    def label(stage: Stage) -> str:
+        return f"[{numbers[stage]}/{len(stages)}] {stage.name}"
+
+    while left:
+        for stage in left:
+            if exists(stage.output):
+                log.warning("%s: %s", label(stage), "another process ran it, skipped." if stage in busy
+                            else f"{stage.output} exists, skipped.")
+                break
+            if any(producer in left for producer in producers[stage]):
+                continue  # an input is still to be written
+            running = Path(f"{stage.output}.running")
+            if not try_claim(running, stage.name):
+                if stage not in busy:
+                    log.warning("%s: another process is on it (%s); going on with the stages it does not hold.",
+                                label(stage), running)
+                    busy.add(stage)
                 continue
-            log.warning("[%d/%d] %s: %s", i, len(stages), stage.name, stage.describe())
-            seconds = round(run_stage(stage), 1)
-        # Read again just before writing: experiments over other seeds or arms may share the run directory
-        # (one process per core) and record their stages in the same file meanwhile.
-        recorded = json.loads(timings.read_text()) if timings.is_file() else {}
-        timings.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(timings, json.dumps({**recorded, stage.name: seconds}, indent=2) + "\n")
+            try:
+                if exists(stage.output):  # finished by another process between the check and the claim
+                    log.warning("%s: another process ran it, skipped.", label(stage))
+                    break
+                log.warning("%s: %s", label(stage), stage.describe())
+                seconds = round(run_stage(stage), 1)
+            finally:
+                running.unlink(missing_ok=True)
+            # Read again just before writing: experiments over other seeds or arms may share the run directory
+            # (one process per core) and record their stages in the same file meanwhile.
+            recorded = json.loads(timings.read_text()) if timings.is_file() else {}
+            timings.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(timings, json.dumps({**recorded, stage.name: seconds}, indent=2) + "\n")
+            break
+        else:
+            time.sleep(poll_seconds)  # every stage left is held by another process or waits for one that is
+            continue
+        left.remove(stage)
 
 
 def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Path,
