@@ -153,6 +153,7 @@ def test_a_process_runs_what_another_does_not_hold_and_waits_only_for_what_it_ne
     arm instead of waiting, and evaluates the other's arm only once its checkpoint is written."""
     import subprocess
     import sys
+    import time
 
     from dress_lightning import experiment
     from dress_lightning.stages import Stage
@@ -161,6 +162,8 @@ def test_a_process_runs_what_another_does_not_hold_and_waits_only_for_what_it_ne
     eval_crl = Stage("eval_val_crl/seed0", "evaluate", (), str(tmp_path / "eval_crl.json"),
                      ("--checkpoint", crl.output))
     rft = Stage("rft/seed0", "fit", (), str(tmp_path / "rft.ckpt"))
+    # A rollout names its own output (--out): that is no input to wait for.
+    rollout = Stage("rollout_crl/seed0", "rollout", (), str(tmp_path / "nlf"), ("--out", str(tmp_path / "nlf")))
     ran = []
 
     def run_stage(stage):
@@ -169,17 +172,26 @@ def test_a_process_runs_what_another_does_not_hold_and_waits_only_for_what_it_ne
         return 1.0
 
     monkeypatch.setattr(experiment, "run_stage", run_stage)
+    polls, real_sleep = [], time.sleep
+
+    def sleep(seconds):  # a run that waits for good fails here instead of hanging the suite
+        polls.append(seconds)
+        assert len(polls) < 100, "run_experiment waits for a stage nobody runs"
+        real_sleep(seconds)
+
+    monkeypatch.setattr(experiment.time, "sleep", sleep)
     other = subprocess.Popen([sys.executable, "-c", f"import time, pathlib; time.sleep(1.5); "
                               f"pathlib.Path({crl.output!r}).write_text('done by the other process'); "
                               f"pathlib.Path({crl.output + '.running'!r}).unlink()"])
     Path(f"{crl.output}.running").write_text(str(other.pid))
 
-    experiment.run_experiment([crl, eval_crl, rft], tmp_path / "timings.json", poll_seconds=0.2)
+    experiment.run_experiment([crl, eval_crl, rft, rollout], tmp_path / "timings.json", poll_seconds=0.2)
     other.wait()
-    # rft ran while crl was still being trained elsewhere; the evaluation waited for crl's checkpoint.
-    assert ran == [("rft/seed0", False), ("eval_val_crl/seed0", True)]
+    # rft and the rollout ran while crl was still being trained elsewhere; the evaluation waited for crl's checkpoint.
+    assert ran == [("rft/seed0", False), ("rollout_crl/seed0", False), ("eval_val_crl/seed0", True)]
     assert Path(crl.output).read_text() == "done by the other process"
-    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"rft/seed0", "eval_val_crl/seed0"}
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"rft/seed0", "rollout_crl/seed0",
+                                                                         "eval_val_crl/seed0"}
 
 
 def test_a_stage_another_process_runs_is_waited_for_and_a_dead_claim_taken_over(tmp_path, monkeypatch):

@@ -223,7 +223,8 @@ def run_experiment(stages: Sequence[Stage], timings: Path, poll_seconds: float =
     when every stage left is held or waits for one that is.
     """
     numbers = {stage: i for i, stage in enumerate(stages, 1)}
-    producers = {stage: [s for s in stages if s.output in stage.overrides] for stage in stages}
+    # An earlier stage whose output a stage names (a rollout also names its own, as --out).
+    producers = {stage: [s for s in stages[:i] if s.output in stage.overrides] for i, stage in enumerate(stages)}
     left, busy = list(stages), set()
 
     def label(stage: Stage) -> str:
