@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dress_lightning.atomic import atomic_write_text, try_claim
-from dress_lightning.stages import GROUNDING_WARMUP, Stage, exists, run_stage
+from dress_lightning.stages import GROUNDING_WARMUP, Stage, exists, producer, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,9 @@ def run_experiment(stages: Sequence[Stage], timings: Path, poll_seconds: float =
     when every stage left is held or waits for one that is.
     """
     numbers = {stage: i for i, stage in enumerate(stages, 1)}
-    # An earlier stage whose output a stage names (a rollout also names its own, as --out).
-    producers = {stage: [s for s in stages[:i] if s.output in stage.overrides] for i, stage in enumerate(stages)}
+    # A stage's inputs: the earlier stages that write a path its overrides name (a rollout names its own output too).
+    producers = {stage: [p for value in stage.overrides if (p := producer(value, stages[:i])) is not None]
+                 for i, stage in enumerate(stages)}
     left, busy = list(stages), set()
 
     def label(stage: Stage) -> str:
@@ -236,7 +237,7 @@ def run_experiment(stages: Sequence[Stage], timings: Path, poll_seconds: float =
                 log.warning("%s: %s", label(stage), "another process ran it, skipped." if stage in busy
                             else f"{stage.output} exists, skipped.")
                 break
-            if any(producer in left for producer in producers[stage]):
+            if any(upstream in left for upstream in producers[stage]):
                 continue  # an input is still to be written
             running = Path(f"{stage.output}.running")
             if not try_claim(running, stage.name):
