@@ -97,6 +97,9 @@ ARMS: dict[str, Arm] = {
         "CRL levers combined (configs/crl.yaml's defaults): the judge's critique as target, refined turns "
         "trained on the reference answer",
         "judge_target", "reference"),
+    "crl_judge_target_reference_all": _crl(
+        "CRL levers combined, every refined turn trained (the reference answer after each answer the judge "
+        "found wrong), not only the improved ones", "judge_target", "reference", "all_refinements"),
     "crl_assistant_prefix": _crl(
         "CRL lever: the condition at the start of the answer (DRESS), not before the question", "assistant_prefix"),
     "crl_tokens_in_answer": _crl("CRL lever: score tokens alone at the start of the answer (no critique)",

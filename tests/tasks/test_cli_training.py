@@ -53,28 +53,32 @@ def test_every_shipped_training_config_parses(config, capsys):
     assert "class_path: dress_lightning.tasks" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("arm, critique, refinement_target", [
-    ("crl", "TARGET_CRITIQUE", "own"),  # DRESS as published: the experiment's crl row
-    ("crl_judge_target_reference", "PERFECT_SHAPEWORLD_CRITIQUE", "reference"),  # = configs/crl.yaml's defaults
+@pytest.mark.parametrize("arm, critique, refinement_target, keep_refined", [
+    ("crl", "TARGET_CRITIQUE", "own", "improved"),  # DRESS as published: the experiment's crl row
+    ("crl_judge_target_reference", "PERFECT_SHAPEWORLD_CRITIQUE", "reference", "improved"),  # = configs/crl.yaml
+    ("crl_judge_target_reference_all", "PERFECT_SHAPEWORLD_CRITIQUE", "reference", "all"),
 ])
-def test_the_target_critique_in_the_yaml_is_the_sentence_the_code_means(arm, critique, refinement_target):
-    """YAML cannot import the constants: the judge's words for a perfect answer must not drift from its code."""
+def test_the_arms_target_and_refinement_settings_are_what_their_names_say(arm, critique, refinement_target, keep_refined):
+    """YAML cannot import the constants: the judge's words for a perfect answer must not drift from its code,
+    and a lever stacked on another must not reset its turn settings."""
     import yaml
 
     from dress_lightning import conditions
 
-    stacks = {"main job": ("configs/crl.yaml",)} if arm != "crl" else {}
+    stacks = {"main job": ("configs/crl.yaml",)} if arm == "crl_judge_target_reference" else {}
     stacks[arm] = next(s for s in experiment_stages([0], [arm], "val", Path("runs/x")) if s.name == f"{arm}/seed0").configs
     for stack in stacks.values():
-        merged_critique, merged_target = None, None
+        merged_critique, merged_target, merged_keep = None, None, None
         for path in stack:
             config = yaml.safe_load((ROOT / path).read_text()) or {}
             condition = config.get("model", {}).get("init_args", {}).get("condition", {})
             turns = config.get("data", {}).get("init_args", {}).get("turns", {})
             merged_critique = condition.get("target_critique", merged_critique)
             merged_target = turns.get("refinement_target", merged_target)
+            merged_keep = turns.get("keep_refined", merged_keep)
         assert merged_critique == getattr(conditions, critique)
         assert merged_target == refinement_target
+        assert merged_keep == keep_refined
 
 
 def test_interpolations_follow_overrides_and_overlays(capsys):
