@@ -100,6 +100,8 @@ ARMS: dict[str, Arm] = {
     "crl_judge_target_reference_all": _crl(
         "CRL levers combined, every refined turn trained (the reference answer after each answer the judge "
         "found wrong), not only the improved ones", "judge_target", "reference", "all_refinements"),
+    "crl_judge_target_reference_more_sft": _crl(
+        "CRL levers combined, 60% SFT data in the mix instead of 30%", "judge_target", "reference", "more_sft"),
     "crl_assistant_prefix": _crl(
         "CRL lever: the condition at the start of the answer (DRESS), not before the question", "assistant_prefix"),
     "crl_tokens_in_answer": _crl("CRL lever: score tokens alone at the start of the answer (no critique)",

@@ -57,6 +57,7 @@ def test_every_shipped_training_config_parses(config, capsys):
     ("crl", "TARGET_CRITIQUE", "own", "improved"),  # DRESS as published: the experiment's crl row
     ("crl_judge_target_reference", "PERFECT_SHAPEWORLD_CRITIQUE", "reference", "improved"),  # = configs/crl.yaml
     ("crl_judge_target_reference_all", "PERFECT_SHAPEWORLD_CRITIQUE", "reference", "all"),
+    ("crl_judge_target_reference_more_sft", "PERFECT_SHAPEWORLD_CRITIQUE", "reference", "improved"),
 ])
 def test_the_arms_target_and_refinement_settings_are_what_their_names_say(arm, critique, refinement_target, keep_refined):
     """YAML cannot import the constants: the judge's words for a perfect answer must not drift from its code,
