@@ -230,3 +230,67 @@ def test_guidance_at_one_is_plain_decoding_with_rows_stopping_early(tiny_model, 
                                  negative_attention_mask=negative.attention_mask, guidance_scale=1.0)
     assert guided.tolist() == plain.tolist()
     assert (plain == tiny_model.pad_token_id).any(), "some row must have stopped early"
+
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions. USER: ")
+
+
+def test_a_prefix_shared_by_every_prompt_is_encoded_once_and_answers_do_not_change(tiny_model, tiny_tokenizer,
+                                                                                    scramble):
+    """A chat template's system prompt: one forward of it for the whole batch, the same greedy tokens as
+    encoding it in every row, with rows stopping early and under guidance (2B rows sharing it)."""
+    from dress_lightning.models.vlm import MIN_SHARED_PREFIX
+
+    scramble(tiny_model)
+    torch.manual_seed(0)
+    pixel_values = torch.randn(len(PROMPTS), 3, 64, 64)
+    tiny_tokenizer.padding_side = "left"
+    chat = [SYSTEM + IMAGE_TOKEN * tiny_model.num_image_tokens + "\n" + text + " ASSISTANT:" for text in PROMPTS]
+    batch = tiny_tokenizer(chat, return_tensors="pt", padding=True)
+    negative = tiny_tokenizer([SYSTEM + IMAGE_TOKEN * tiny_model.num_image_tokens + "\n" + text.split()[0]
+                               for text in PROMPTS], return_tensors="pt", padding=True)
+    system_tokens = len(tiny_tokenizer(SYSTEM).input_ids)
+    assert system_tokens >= MIN_SHARED_PREFIX
+
+    calls = []  # (rows, positions) of each forward that embeds a prompt (decode steps pass input_ids)
+    tiny_model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+        if "inputs_embeds" in kwargs else None, with_kwargs=True)
+
+    def answers(share, **kwargs):
+        calls.clear()
+        return tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10,
+                                   share_prefix=share, **kwargs)
+
+    free = answers(False, eos_token_id=[])
+    assert calls[0] == (len(PROMPTS), batch.input_ids.shape[1])
+    stops = [free[0, 1].item(), free[2, 4].item()]  # rows stop at different steps
+    shared = answers(True, eos_token_id=stops)
+    assert calls[:2] == [(1, system_tokens), (len(PROMPTS), batch.input_ids.shape[1] - system_tokens)]
+    assert shared.tolist() == answers(False, eos_token_id=stops).tolist()
+    assert (shared == tiny_model.pad_token_id).any(), "some row must have stopped early"
+
+    guidance = dict(eos_token_id=stops, negative_input_ids=negative.input_ids,
+                    negative_attention_mask=negative.attention_mask, guidance_scale=2.0)
+    guided = answers(True, **guidance)
+    assert calls[0] == (1, system_tokens) and calls[1][0] == 2 * len(PROMPTS)
+    assert guided.tolist() == answers(False, **guidance).tolist()
+    assert guided.tolist() != shared.tolist(), "guidance should change this scrambled model's answers"
+
+
+def test_a_prefix_is_only_shared_where_every_row_has_it_before_its_image(tiny_model):
+    from dress_lightning.models.vlm import _shared_prefix_length
+
+    image = tiny_model.image_token_id
+    ids = torch.tensor([[0, 0, 5, 6, 7, image, 9], [5, 6, 7, 8, image, 9, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    assert _shared_prefix_length(ids, mask, image) == 3  # 5 6 7, then row 0 reaches its image
+    right = torch.tensor([[5, 6, 7, image, 9, 0, 0], [5, 6, 7, 8, image, 9, 9]])  # training rows: right padding
+    assert _shared_prefix_length(right, mask.flip(1), image) == 3
+    assert _shared_prefix_length(ids[:1], mask[:1], image) == 0  # one row: nothing to share
+    holes = mask.clone()
+    holes[1, 1] = 0
+    assert _shared_prefix_length(ids, holes, image) == 0  # not left padding: not split safely
+    same = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    assert _shared_prefix_length(same, torch.ones_like(same), image) == 2  # the last token stays in each row

@@ -105,17 +105,76 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         images_per_row: torch.Tensor | None = None,
+        share_prefix: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Hugging Face style forward; ``loss`` is the mean next-token loss over ``labels`` != -100.
 
         ``image_features`` (B, N, D_vision) replace ``pixel_values`` when a frozen tower's features were cached;
         ``images_per_row`` (R,) is for packed rows (``embed``).
+
+        ``share_prefix``: the text every row starts with (a chat template's system prompt, before the first
+        ``<image>``) runs once and every row attends to its keys and values (``generate`` explains the layout).
+        It applies where the batch asks for no logit inside that prefix: ``logits_to_keep`` a (B, T) mask (the
+        loss's positions, as the tasks pass them), no ``labels``, rows not packed, a prefix of at least
+        ``MIN_SHARED_PREFIX`` tokens; otherwise the plain forward runs. The logits are those of the plain forward
+        up to float rounding (the same keys in another order).
         """
+        keep = kwargs.get("logits_to_keep")
+        if share_prefix and labels is None and images_per_row is None and attention_mask is not None \
+                and isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and "position_ids" not in kwargs:
+            # No logit inside the prefix: the first position whose logits the caller reads bounds it.
+            first_kept = int(keep.any(dim=0).int().argmax()) if keep.any() else keep.shape[1]
+            shared = min(_shared_prefix_length(input_ids, attention_mask, self.image_token_id), first_kept)
+            if shared >= MIN_SHARED_PREFIX:
+                kwargs["use_cache"] = True  # the prefix's keys and values reach the rows through a cache
+                output, _ = self._forward_shared_prefix(input_ids, attention_mask, shared, DynamicCache(
+                    config=self.language_model.config), pixel_values=pixel_values, image_features=image_features,
+                    **kwargs)
+                return output
         inputs_embeds = self.embed(input_ids, pixel_values, image_features, images_per_row)
         return self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )
+
+    def _forward_shared_prefix(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        shared: int,
+        cache: DynamicCache,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple[CausalLMOutputWithPast, torch.Tensor]:
+        """The LM over rows (R, T) that all start with the same ``shared`` tokens, the prefix run once.
+
+        Rows [padding, prefix, rest] (left-padded prompts) or [prefix, rest, padding] (right-padded training
+        rows): the prefix (1, P) fills ``cache``, its keys and values are repeated for every row, then the rest
+        of each row (R, T - P) runs attending to them. Returns the rest's output (its positions are the rows
+        without the prefix; a (R, T) ``logits_to_keep`` mask is cut the same way) and the attention mask
+        (R, T) of what the cache now holds, [prefix, rest of each row].
+        """
+        lm, rows = self.language_model, input_ids.shape[0]
+        cache_argument = {_cache_keyword(lm): cache}
+        in_prefix = _prefix_columns(attention_mask, shared)  # (R, T), P columns per row
+
+        def rest(t: torch.Tensor) -> torch.Tensor:
+            return t[~in_prefix].view(rows, -1)  # (R, T - P)
+
+        prefix = input_ids[0][in_prefix[0]][None]  # (1, P)
+        lm(inputs_embeds=self.embed(prefix), position_ids=torch.arange(shared, device=prefix.device)[None],
+           use_cache=True, logits_to_keep=1, **cache_argument)
+        cache.batch_repeat_interleave(rows)
+        rest_mask = rest(attention_mask)
+        mask = torch.cat([rest_mask.new_ones(rows, shared), rest_mask], dim=1)  # (R, T)
+        positions = shared + (rest_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count on from the prefix
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.shape == input_ids.shape:
+            logits_to_keep = rest(logits_to_keep)
+        output = lm(inputs_embeds=self.embed(rest(input_ids), pixel_values, image_features), attention_mask=mask,
+                    position_ids=positions, logits_to_keep=logits_to_keep, **cache_argument, **kwargs)
+        return output, mask
 
     @torch.no_grad()
     def generate(
@@ -132,6 +191,7 @@ class VisionLanguageModel(nn.Module):
         negative_input_ids: torch.Tensor | None = None,
         negative_attention_mask: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        share_prefix: bool = True,
     ) -> torch.Tensor:
         """Batched generation for left-padded prompts (B, T) with KV cache; returns new tokens (B, T_new).
 
@@ -146,7 +206,12 @@ class VisionLanguageModel(nn.Module):
 
         Sequences that stop early are padded with ``pad_token_id``. A row that has stopped leaves the
         batch (and the KV cache), so later steps only compute the rows still generating: the cost of a
-        batch follows the sum of its answers' lengths, not batch size x the longest answer. Sampling
+        batch follows the sum of its answers' lengths, not batch size x the longest answer.
+
+        ``share_prefix``: text that every prompt starts with (the system prompt of a chat template, before the
+        first ``<image>``) is encoded once and its KV cache shared by all rows, when it is at least
+        ``MIN_SHARED_PREFIX`` tokens long; each row's cache then reads [prefix, padding, rest of the prompt]
+        instead of [padding, prefix, rest], the same attention with keys in another order. Sampling
         draws from torch's global RNG: seed it (``lightning.seed_everything``) for reproducible samples.
         """
         if (attention_mask[:, -1] == 0).any():
@@ -174,11 +239,16 @@ class VisionLanguageModel(nn.Module):
         mask = attention_mask
         cache = DynamicCache(config=lm.config)
         cache_argument = {_cache_keyword(lm): cache}
-        # Left padding: positions count real tokens only (as transformers' generate does).
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = lm(inputs_embeds=self.embed(input_ids, image_features=image_features), attention_mask=mask,
-                    position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **cache_argument).logits[:, -1]  # (b or 2b, V)
+        shared = _shared_prefix_length(input_ids, mask, self.image_token_id) if share_prefix else 0
+        if shared >= MIN_SHARED_PREFIX:
+            output, mask = self._forward_shared_prefix(input_ids, mask, shared, cache, image_features=image_features,
+                                                       use_cache=True, logits_to_keep=1)
+        else:
+            # Left padding: positions count real tokens only (as transformers' generate does).
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            output = lm(inputs_embeds=self.embed(input_ids, image_features=image_features), attention_mask=mask,
+                        position_ids=positions, use_cache=True, logits_to_keep=1, **cache_argument)
+        logits = output.logits[:, -1]  # (b or 2b, V)
         steps = 0
         for step in range(max_new_tokens):
             if guided:
@@ -216,6 +286,39 @@ def _cache_keyword(language_model: nn.Module) -> str:
     """
     base = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+MIN_SHARED_PREFIX = 16
+"""Shortest common prompt prefix (tokens) that ``generate`` encodes once for all rows: the separate forward of a
+shorter one costs about what it saves."""
+
+
+def _shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> int:
+    """Tokens (before any ``<image>``) that every row of (R, T) begins with; 0 for a single row.
+
+    Rows are padded on one side (left for prompts, right for training); at least one token of every row is left
+    out of the prefix, so that the rest of each row has a position of its own.
+    """
+    rows, length = input_ids.shape
+    lengths = attention_mask.sum(dim=1)  # (R,)
+    starts = attention_mask.int().argmax(dim=1)  # (R,) first real token
+    columns = torch.arange(length, device=input_ids.device)
+    run = (columns >= starts[:, None]) & (columns < (starts + lengths)[:, None])
+    if rows < 2 or not torch.equal(attention_mask.bool(), run):
+        return 0  # one row, or a mask with holes: nothing to share safely
+    limit = int(lengths.min()) - 1
+    if limit < 1:
+        return 0
+    firsts = input_ids.gather(1, starts[:, None] + columns[:limit])  # (R, limit) first real tokens
+    same = (firsts == firsts[:1]).all(dim=0) & (firsts[0] != image_token_id)
+    return int(same.cumprod(dim=0).sum())
+
+
+def _prefix_columns(attention_mask: torch.Tensor, shared: int) -> torch.Tensor:
+    """(R, T) bool: the first ``shared`` real tokens of each row (rows padded on one side)."""
+    start = attention_mask.int().argmax(dim=1)[:, None]  # (R, 1)
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]  # (1, T)
+    return (columns >= start) & (columns < start + shared)
 
 
 def _stack_left_padded(

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from dress_lightning.atomic import crash_point
 from dress_lightning.checkpoints import load_checkpoint
@@ -76,6 +77,7 @@ class VisionLanguageTask(L.LightningModule):
         cache_image_features: bool = False,
         feature_cache_max_images: int | None = 10_000,
         compile_language_model: bool = False,
+        share_prompt_prefix: bool = True,
     ) -> None:
         """
         Args:
@@ -95,6 +97,11 @@ class VisionLanguageTask(L.LightningModule):
                 checkpoints stay as they are), with dynamic shapes for variable batch lengths. The first steps pay
                 the compilation (about a minute for the tiny preset on 2 CPU cores); on CPU it needs a C++
                 compiler, and without one training runs uncompiled with a warning.
+            share_prompt_prefix: Run the text that every sample of a batch starts with (the chat template's system
+                prompt) once per batch, every row attending to its keys and values, instead of once per sample
+                (``VisionLanguageModel.forward``'s ``share_prefix``): the same loss up to float rounding, for
+                less compute. Packed rows (``data.pack_sequences``) run as they are, and so does a model whose
+                layers are sharded (FSDP, DeepSpeed ZeRO-3): a sharded layer cannot run twice in one step.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -108,6 +115,7 @@ class VisionLanguageTask(L.LightningModule):
         self.cache_image_features = cache_image_features
         self.feature_cache_max_images = feature_cache_max_images
         self.compile_language_model = compile_language_model
+        self.share_prompt_prefix = share_prompt_prefix
         self.model = None
         self.tokenizer = None
         self.feature_cache: VisionFeatureCache | None = None
@@ -235,6 +243,7 @@ class VisionLanguageTask(L.LightningModule):
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The model's inputs from a batch; with the feature cache, cached vision features replace the pixels."""
         inputs = {k: batch[k] for k in MODEL_INPUTS}
+        inputs["share_prefix"] = self.share_prompt_prefix and not self._layers_sharded
         if "position_ids" in batch:  # packed rows (data.pack_sequences): several samples per row
             # Without an attention mask or a cache, transformers builds a block-diagonal causal mask from
             # position_ids that restart at every sample, so no token attends across samples.
@@ -248,6 +257,15 @@ class VisionLanguageTask(L.LightningModule):
                 )
             inputs["image_features"] = self.feature_cache(inputs.pop("pixel_values"), batch["image_ids"])
         return inputs
+
+    @property
+    def _layers_sharded(self) -> bool:
+        """Whether the strategy shards parameters across ranks, gathering a layer's for one forward at a time."""
+        if self._trainer is None:
+            return False
+        strategy = self.trainer.strategy
+        return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or (
+            isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3)
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean next-token loss over the labelled (assistant) tokens of the batch."""
