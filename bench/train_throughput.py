@@ -7,7 +7,10 @@ warm-up and not timed. Then, on real variable-length ShapeWorld batches, padding
 length grouping and the throughput each gives; and ours on the same batches packed padding-free
 (``data.pack_sequences``, rows of about ``--pack-lengths`` tokens) against HF on them padded, uncompiled and
 with the language model compiled (``model.init_args.compile_language_model``; its compilation happens in the
-untimed warm-up steps).
+untimed warm-up steps). Unpacked batches run with the system prompt shared (``share_prompt_prefix``, the task's
+default: it runs once per batch); the grouped batches run once more without it, for the side-by-side. Last, the
+issue's comparison: ours on grouped batches (as ``configs/sft.yaml`` makes them) against HF on the same samples
+padded as they come, by real tokens/s (the batches differ, so no per-batch pairing).
 
     flock /tmp/dress-cpu.lock python bench/train_throughput.py --json bench/results/train_throughput.json
 """
@@ -88,6 +91,8 @@ def compare(task, reference, ref_optimizer, batches, warmup: int, repeats: int,
     out["paired_speedup"] = median(
         [h / o for h, o in zip(per_batch["hf_llava_plain_loop"], per_batch["ours_lightning"])]
     )
+    # Where the two sides batch the same samples differently (grouped vs not), only the totals compare.
+    out["throughput_ratio"] = out["ours_lightning"]["tokens_per_s"] / out["hf_llava_plain_loop"]["tokens_per_s"]
     out["padding_waste"] = 1 - tokens / padded  # of our batches
     out["real_tokens"] = tokens
     out["padded_tokens"] = padded
@@ -143,6 +148,20 @@ def main() -> None:
             results[f"shapeworld_group_by_length_{group}"] = compare(
                 task, reference, ref_optimizer, batches, args.warmup, args.repeats
             )
+        task.share_prompt_prefix = False  # the system prompt in every row, as before the shared prefix
+        results["shapeworld_group_by_length_4_unshared_prefix"] = compare(
+            task, reference, ref_optimizer, batches, args.warmup, args.repeats
+        )
+        task.share_prompt_prefix = True
+        # The target's comparison: ours as configs/sft.yaml batches (grouped, the prefix shared) against HF LLaVA
+        # on the same samples padded as they come.
+        ungrouped = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, 0)
+        assert sorted(i for b in batches[args.warmup:] for i in b["ids"]) == \
+            sorted(i for b in ungrouped for i in b["ids"]), "grouping must batch the same samples"
+        for name, ours_task in (("shapeworld_grouped_vs_hf_ungrouped", task),
+                                ("shapeworld_grouped_vs_hf_ungrouped_compiled", compiled)):
+            results[name] = compare(ours_task, reference, ref_optimizer, batches, args.warmup, args.repeats,
+                                    reference_batches=ungrouped[: args.warmup] + ungrouped)
         padded = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, 0)
         for length in args.pack_lengths:
             packed = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, 0, length)
@@ -157,10 +176,11 @@ def main() -> None:
         for side in ("ours_lightning", "hf_llava_plain_loop"):
             ours = side == "ours_lightning"
             rows.append([part, side, r[side]["tokens_per_s"], r[side]["samples_per_s"], r[side]["median_step_s"],
-                         r["padding_waste" if ours else "reference_padding_waste"], r["paired_speedup"] if ours else ""])
+                         r["padding_waste" if ours else "reference_padding_waste"], r["paired_speedup"] if ours else "",
+                         r["throughput_ratio"] if ours else ""])
     print(f"initial loss: ours {loss_ours:.6f}, HF LLaVA {loss_ref:.6f}; trainable params {trainable}")
-    print_table(["batches", "side", "tokens/s", "samples/s", "median step s", "padding waste", "x HF (paired)"],
-                rows)
+    print_table(["batches", "side", "tokens/s", "samples/s", "median step s", "padding waste", "x HF (paired)",
+                 "x HF (tokens/s)"], rows)
     fixed_speedup = results["fixed_length"]["paired_speedup"]
     summary = {"speedup": fixed_speedup, "target": ">= 1.0 on fixed-length batches", "met": fixed_speedup >= 1.0,
                "speedup_is": "ours tokens/s / HF tokens/s on fixed-length batches: median over batches of the "
@@ -177,6 +197,11 @@ def main() -> None:
                                     "group_by_length_4": grouped["padding_waste"]}
         summary["length_grouping_gain"] = grouped["ours_lightning"]["tokens_per_s"] / \
             plain["ours_lightning"]["tokens_per_s"]
+        summary["shapeworld_speedup_vs_hf"]["group_by_length_4_unshared_prefix"] = \
+            results["shapeworld_group_by_length_4_unshared_prefix"]["paired_speedup"]
+        summary["shapeworld_grouped_vs_hf_ungrouped"] = {
+            k: results[k]["throughput_ratio"]
+            for k in ("shapeworld_grouped_vs_hf_ungrouped", "shapeworld_grouped_vs_hf_ungrouped_compiled")}
         for length in args.pack_lengths:
             packed = results[f"shapeworld_packed_{length}"]
             summary["shapeworld_speedup_vs_hf"][f"packed_{length}"] = packed["paired_speedup"]
