@@ -294,3 +294,43 @@ def test_a_prefix_is_only_shared_where_every_row_has_it_before_its_image(tiny_mo
     assert _shared_prefix_length(ids, holes, image) == 0  # not left padding: not split safely
     same = torch.tensor([[5, 6, 7], [5, 6, 7]])
     assert _shared_prefix_length(same, torch.ones_like(same), image) == 2  # the last token stays in each row
+
+
+def test_answers_per_prompt_encode_each_prompt_once(tiny_model, tiny_tokenizer, scramble):
+    """``num_return_sequences``: the prompt's image and cache computed once, the answers those of the prompt
+    repeated n times (greedy, rows stopping early, guided), in transformers' order; sampled ones differ."""
+    scramble(tiny_model)
+    torch.manual_seed(0)
+    n = 3
+    pixel_values = torch.randn(len(PROMPTS), 3, 64, 64)
+    batch = _encode(tiny_tokenizer, tiny_model, PROMPTS)
+    negative = _encode(tiny_tokenizer, tiny_model, [p.split()[0] for p in PROMPTS])
+    rows = []  # rows of each forward that embeds a prompt (decode steps pass input_ids)
+    tiny_model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0]) if "inputs_embeds" in kwargs
+        else None, with_kwargs=True)
+
+    def repeated(t):
+        return t.repeat_interleave(n, dim=0)
+
+    free = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10, eos_token_id=[])
+    stops = [free[0, 1].item(), free[2, 4].item()]  # rows stop at different steps
+    for guidance in ({}, dict(negative_input_ids=negative.input_ids, negative_attention_mask=negative.attention_mask,
+                              guidance_scale=2.0)):
+        rows.clear()
+        answers = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10,
+                                      eos_token_id=stops, num_return_sequences=n, **guidance)
+        assert rows == [len(PROMPTS) * (2 if guidance else 1)]
+        expected = tiny_model.generate(repeated(batch.input_ids), repeated(batch.attention_mask),
+                                       repeated(pixel_values), max_new_tokens=10, eos_token_id=stops,
+                                       **{k: repeated(v) if torch.is_tensor(v) else v for k, v in guidance.items()})
+        assert answers.tolist() == expected.tolist()
+        assert (answers == tiny_model.pad_token_id).any(), "some row must have stopped early"
+
+    torch.manual_seed(1)
+    sampled = tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, max_new_tokens=10,
+                                  eos_token_id=[], do_sample=True, temperature=2.0, num_return_sequences=n)
+    assert sampled.shape == (len(PROMPTS) * n, 10)
+    assert all(len({tuple(a) for a in sampled[i * n : (i + 1) * n].tolist()}) > 1 for i in range(len(PROMPTS)))
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        tiny_model.generate(batch.input_ids, batch.attention_mask, pixel_values, num_return_sequences=0)

@@ -191,6 +191,7 @@ class VisionLanguageModel(nn.Module):
         negative_input_ids: torch.Tensor | None = None,
         negative_attention_mask: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        num_return_sequences: int = 1,
         share_prefix: bool = True,
     ) -> torch.Tensor:
         """Batched generation for left-padded prompts (B, T) with KV cache; returns new tokens (B, T_new).
@@ -208,6 +209,10 @@ class VisionLanguageModel(nn.Module):
         batch (and the KV cache), so later steps only compute the rows still generating: the cost of a
         batch follows the sum of its answers' lengths, not batch size x the longest answer.
 
+        ``num_return_sequences`` (n): answers per prompt, rows ``i * n`` to ``i * n + n - 1`` of the (B * n, T_new)
+        result, as transformers orders them. Each prompt (its image, its KV cache) is encoded once and its cache
+        copied for its n answers, which then decode as n rows (different ones when sampling).
+
         ``share_prefix``: text that every prompt starts with (the system prompt of a chat template, before the
         first ``<image>``) is encoded once and its KV cache shared by all rows, when it is at least
         ``MIN_SHARED_PREFIX`` tokens long; each row's cache then reads [prefix, padding, rest of the prompt]
@@ -219,6 +224,8 @@ class VisionLanguageModel(nn.Module):
                 "generate() needs left-padded prompts (the last position of every row must be a real token); "
                 "set tokenizer.padding_side = 'left' when batching prompts."
             )
+        if num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be at least 1, got {num_return_sequences}.")
         stops = self.eos_token_id if eos_token_id is None else eos_token_id
         stops = torch.tensor([stops] if isinstance(stops, int) else list(stops), dtype=torch.long,
                              device=input_ids.device)
@@ -233,7 +240,7 @@ class VisionLanguageModel(nn.Module):
             if image_features is not None:  # each image encoded once, for both passes
                 image_features = torch.cat([image_features, image_features])
         lm = self.language_model
-        batch = input_ids.shape[0] // 2 if guided else input_ids.shape[0]
+        batch = (input_ids.shape[0] // 2 if guided else input_ids.shape[0]) * num_return_sequences
         new_tokens = torch.full((batch, max_new_tokens), self.pad_token_id, device=input_ids.device)
         rows = torch.arange(batch, device=input_ids.device)  # batch row of each active sequence
         mask = attention_mask
@@ -248,7 +255,10 @@ class VisionLanguageModel(nn.Module):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             output = lm(inputs_embeds=self.embed(input_ids, image_features=image_features), attention_mask=mask,
                         position_ids=positions, use_cache=True, logits_to_keep=1, **cache_argument)
-        logits = output.logits[:, -1]  # (b or 2b, V)
+        logits = output.logits[:, -1]  # (B or 2B, V)
+        if num_return_sequences > 1:  # each prompt's cache copied for its answers: (B * n or 2B * n, ...)
+            cache.batch_repeat_interleave(num_return_sequences)
+            mask, logits = (t.repeat_interleave(num_return_sequences, dim=0) for t in (mask, logits))
         steps = 0
         for step in range(max_new_tokens):
             if guided:

@@ -331,13 +331,14 @@ class VisionLanguageTask(L.LightningModule):
                     f"generation.guidance_scale={settings.guidance_scale} needs the prompts under the negative "
                     "condition (batch['negative_input_ids']); generate through RolloutModule, or set guidance_scale: 1"
                 )
-            guidance = {"negative_input_ids": batch["negative_input_ids"].repeat_interleave(n, dim=0),
-                        "negative_attention_mask": batch["negative_attention_mask"].repeat_interleave(n, dim=0),
+            guidance = {"negative_input_ids": batch["negative_input_ids"],
+                        "negative_attention_mask": batch["negative_attention_mask"],
                         "guidance_scale": settings.guidance_scale}
         tokens = self.model.generate(
-            batch["input_ids"].repeat_interleave(n, dim=0),
-            batch["attention_mask"].repeat_interleave(n, dim=0),
-            batch["pixel_values"].repeat_interleave(n, dim=0),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            num_return_sequences=n,  # each prompt encoded once for its n answers
             max_new_tokens=settings.max_new_tokens,
             do_sample=settings.do_sample,
             temperature=settings.temperature,
