@@ -7,7 +7,9 @@ Ours: ``VisionLanguageModel.generate`` on left-padded batches of the same ShapeW
 template). Greedy outputs must be identical token for token; samples/s are medians over interleaved rounds.
 A guided run at the largest batch (classifier-free guidance, ``l_u + g (l_c - l_u)``: 2B rows per decode step)
 gives the cost of guidance against unguided decoding (issue 18: at most 2x); a run with ``share_prefix=False``
-(the system prompt encoded in every row instead of once per batch) gives what sharing the prefix saves.
+(the system prompt encoded in every row instead of once per batch) gives what sharing the prefix saves; 8 prompts
+with 4 answers each (``num_return_sequences``, as rollouts sample) against the same prompts repeated 4 times give
+what encoding each prompt once for all its answers saves.
 
     flock /tmp/dress-cpu.lock python bench/generation_throughput.py --checkpoint CKPT --json bench/results/generation_throughput.json
 
@@ -60,6 +62,22 @@ def ours_generate(model, items, batch_size: int, max_new_tokens: int, pad: int, 
                              max_new_tokens=max_new_tokens, share_prefix=share_prefix, **guidance)  # (B, T_new)
         outputs += [until_eos(row, eos) for row in new.tolist()]
     return outputs
+
+
+def ours_answers_per_prompt(model, items, answers: int, max_new_tokens: int, pad: int, eos: int,
+                            encode_once: bool = True) -> list[list[int]]:
+    """``items`` as one batch, ``answers`` greedy answers per prompt (a rollout's ``num_samples``): each prompt
+    encoded once for all its answers (``num_return_sequences``), or repeated ``answers`` times (the path before,
+    and what transformers' ``generate`` does with ``num_return_sequences``: it expands the inputs first)."""
+    input_ids, attention_mask = left_pad([ids for ids, _ in items], pad)
+    pixel_values = torch.stack([px for _, px in items])
+    if encode_once:
+        new = model.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens,
+                             num_return_sequences=answers)
+    else:
+        new = model.generate(*(t.repeat_interleave(answers, dim=0) for t in (input_ids, attention_mask, pixel_values)),
+                             max_new_tokens=max_new_tokens)
+    return [until_eos(row, eos) for row in new.tolist()]
 
 
 @torch.no_grad()
@@ -115,6 +133,11 @@ def main() -> None:
                                                                   guided=True)
     runs[f"ours_batch_{largest}_unshared_prefix"] = lambda: ours_generate(ours, items, largest, args.max_new_tokens,
                                                                           pad, eos, share_prefix=False)
+    answers = 4  # per prompt, over largest / 4 prompts: the same rows per decode step as the largest batch
+    few = items[: largest // answers]
+    for suffix, once in (("", True), ("_repeated_prompts", False)):
+        runs[f"ours_{len(few)}_prompts_x{answers}{suffix}"] = (
+            lambda once=once: ours_answers_per_prompt(ours, few, answers, args.max_new_tokens, pad, eos, once))
     runs["hf_llava_per_sample"] = lambda: reference_generate(reference, items, args.max_new_tokens, eos)
     runs[f"hf_llava_batch_{largest}"] = lambda: reference_batched_generate(reference, items, largest,
                                                                             args.max_new_tokens, pad, eos)
@@ -132,12 +155,14 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
 
     expected = outputs["hf_llava_per_sample"]
-    new_tokens = sum(len(o) for o in expected)
     ref_rate = args.prompts / median(times["hf_llava_per_sample"])
     results, rows = {}, []
     for name in names:
-        rate = args.prompts / median(times[name])
-        mismatches = sum(a != b for a, b in zip(outputs[name], expected))
+        # Runs with several answers per prompt: each of those prompts' answer, once per answer.
+        want = [o for o in expected[: len(few)] for _ in range(answers)] if "_prompts_x" in name else expected
+        new_tokens = sum(len(o) for o in want)
+        rate = len(want) / median(times[name])
+        mismatches = sum(a != b for a, b in zip(outputs[name], want, strict=True))
         results[name] = {"samples_per_s": rate, "new_tokens_per_s": new_tokens / median(times[name]),
                          "speedup_vs_per_sample": rate / ref_rate, "outputs_differing": mismatches,
                          "times_s": times[name]}
@@ -150,8 +175,11 @@ def main() -> None:
     vs_batched = ours_largest["samples_per_s"] / hf_batched["samples_per_s"]
     guidance_cost = median(times[f"ours_batch_{largest}_guided"]) / median(times[f"ours_batch_{largest}"])
     prefix_sharing = median(times[f"ours_batch_{largest}_unshared_prefix"]) / median(times[f"ours_batch_{largest}"])
+    encoding_once = median(times[f"ours_{len(few)}_prompts_x{answers}_repeated_prompts"]) / \
+        median(times[f"ours_{len(few)}_prompts_x{answers}"])
     print(f"ours at batch {largest}: {speedup:.2f}x HF per sample, {vs_batched:.2f}x HF batched; "
-          f"guided decoding costs {guidance_cost:.2f}x unguided; the shared prefix speeds it up {prefix_sharing:.2f}x")
+          f"guided decoding costs {guidance_cost:.2f}x unguided; the shared prefix speeds it up {prefix_sharing:.2f}x; "
+          f"{answers} answers per prompt, each prompt encoded once: {encoding_once:.2f}x repeating the prompts")
     identical = all(r["outputs_differing"] == 0 for r in results.values())
     write_json(args.json, {
         "speedup": speedup,
@@ -164,6 +192,9 @@ def main() -> None:
         "guidance_cost_is": f"ours_batch_{largest}_guided s / ours_batch_{largest} s (target <= 2)",
         "prefix_sharing": prefix_sharing,
         "prefix_sharing_is": f"ours_batch_{largest}_unshared_prefix s / ours_batch_{largest} s",
+        "prompt_encoded_once": encoding_once,
+        "prompt_encoded_once_is": f"ours_{len(few)}_prompts_x{answers}_repeated_prompts s / "
+                                  f"ours_{len(few)}_prompts_x{answers} s (greedy, identical outputs)",
         "settings": {**vars(args), "decoding": "greedy, KV cache", "precision": "fp32"},
         "answer_lengths": {"min": min(lengths), "median": median(lengths), "max": max(lengths),
                            "at_cap": sum(n >= args.max_new_tokens for n in lengths)},
