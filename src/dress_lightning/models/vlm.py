@@ -299,8 +299,8 @@ def _cache_keyword(language_model: nn.Module) -> str:
 
 
 MIN_SHARED_PREFIX = 16
-"""Shortest common prompt prefix (tokens) that ``generate`` encodes once for all rows: the separate forward of a
-shorter one costs about what it saves."""
+"""Shortest common prefix (tokens) that ``forward`` and ``generate`` run once for all rows. A shorter one (a BOS
+token, a one-word template) would save little beside the fixed cost of its own forward; the value is not tuned."""
 
 
 def _shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> int:
