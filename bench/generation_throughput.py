@@ -135,9 +135,10 @@ def main() -> None:
                                                                           pad, eos, share_prefix=False)
     answers = 4  # per prompt, over largest / 4 prompts: the same rows per decode step as the largest batch
     few = items[: largest // answers]
-    for suffix, once in (("", True), ("_repeated_prompts", False)):
-        runs[f"ours_{len(few)}_prompts_x{answers}{suffix}"] = (
-            lambda once=once: ours_answers_per_prompt(ours, few, answers, args.max_new_tokens, pad, eos, once))
+    several = {f"ours_{len(few)}_prompts_x{answers}{suffix}": once
+               for suffix, once in (("", True), ("_repeated_prompts", False))}
+    for name, once in several.items():
+        runs[name] = lambda once=once: ours_answers_per_prompt(ours, few, answers, args.max_new_tokens, pad, eos, once)
     runs["hf_llava_per_sample"] = lambda: reference_generate(reference, items, args.max_new_tokens, eos)
     runs[f"hf_llava_batch_{largest}"] = lambda: reference_batched_generate(reference, items, largest,
                                                                             args.max_new_tokens, pad, eos)
@@ -159,7 +160,7 @@ def main() -> None:
     results, rows = {}, []
     for name in names:
         # Runs with several answers per prompt: each of those prompts' answer, once per answer.
-        want = [o for o in expected[: len(few)] for _ in range(answers)] if "_prompts_x" in name else expected
+        want = [o for o in expected[: len(few)] for _ in range(answers)] if name in several else expected
         new_tokens = sum(len(o) for o in want)
         rate = len(want) / median(times[name])
         mismatches = sum(a != b for a, b in zip(outputs[name], want, strict=True))

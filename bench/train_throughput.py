@@ -142,27 +142,26 @@ def main() -> None:
 
     if args.shapeworld_batches:
         ensure_shapeworld(args.shapeworld_dir, samples=1000)
-        for group in (0, 4):
-            batches = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, group)
-            batches = batches[: args.warmup] + batches  # warm-up on copies; every real batch is timed once
-            results[f"shapeworld_group_by_length_{group}"] = compare(
-                task, reference, ref_optimizer, batches, args.warmup, args.repeats
+        # The same samples padded as they come (group 0) and with length grouping (4, as configs/sft.yaml has it).
+        padded, grouped = (shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches,
+                                              group) for group in (0, 4))
+        assert sorted(i for b in padded for i in b["ids"]) == sorted(i for b in grouped for i in b["ids"]), \
+            "grouping must batch the same samples"
+        for group, batches in ((0, padded), (4, grouped)):
+            results[f"shapeworld_group_by_length_{group}"] = compare(  # warm-up on copies; each batch timed once
+                task, reference, ref_optimizer, batches[: args.warmup] + batches, args.warmup, args.repeats
             )
         task.share_prompt_prefix = False  # the system prompt in every row, as before the shared prefix
         results["shapeworld_group_by_length_4_unshared_prefix"] = compare(
-            task, reference, ref_optimizer, batches, args.warmup, args.repeats
+            task, reference, ref_optimizer, grouped[: args.warmup] + grouped, args.warmup, args.repeats
         )
         task.share_prompt_prefix = True
         # The target's comparison: ours as configs/sft.yaml batches (grouped, the prefix shared) against HF LLaVA
         # on the same samples padded as they come.
-        ungrouped = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, 0)
-        assert sorted(i for b in batches[args.warmup:] for i in b["ids"]) == \
-            sorted(i for b in ungrouped for i in b["ids"]), "grouping must batch the same samples"
         for name, ours_task in (("shapeworld_grouped_vs_hf_ungrouped", task),
                                 ("shapeworld_grouped_vs_hf_ungrouped_compiled", compiled)):
-            results[name] = compare(ours_task, reference, ref_optimizer, batches, args.warmup, args.repeats,
-                                    reference_batches=ungrouped[: args.warmup] + ungrouped)
-        padded = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, 0)
+            results[name] = compare(ours_task, reference, ref_optimizer, grouped[: args.warmup] + grouped,
+                                    args.warmup, args.repeats, reference_batches=padded[: args.warmup] + padded)
         for length in args.pack_lengths:
             packed = shapeworld_batches(args.shapeworld_dir, config, args.batch_size, args.shapeworld_batches, 0, length)
             assert all(sorted(a["ids"]) == sorted(b["ids"]) for a, b in zip(packed, padded, strict=True))
