@@ -51,6 +51,45 @@ def test_graph_runs_each_stage_after_its_inputs():
         experiment_stages([0], ["dpo_typo"], "val", Path("runs/x"))
 
 
+def test_a_rollout_lever_trains_on_its_own_rollout_and_a_decoding_row_trains_nothing():
+    stages = {s.name: s for s in experiment_stages(
+        [0], ["crl", "crl_samples4", "crl_dropout_guided_low"], "val", Path("runs/x"))}
+    # The broader rollout: the seed's SFT model, the lever's config over the shared rollout's, its own output.
+    broad = stages["rollout_crl_samples4/seed0"]
+    assert broad.configs[-1] == "configs/reproduce/rollout_samples4.yaml"
+    assert broad.configs[:-1] == stages["rollout/seed0"].configs
+    assert "runs/x/seed0/sft/checkpoints/last.ckpt" in broad.overrides
+    assert broad.output == "runs/x/seed0/crl_samples4_nlf"
+    lever = stages["crl_samples4/seed0"]
+    assert lever.configs == stages["crl/seed0"].configs  # plain CRL: only its data differ
+    assert lever.overrides[lever.overrides.index("--data.init_args.nlf_shards") + 1] == "runs/x/seed0/crl_samples4_nlf"
+    # Guidance: crl_dropout is trained (a prerequisite), the decoding row only evaluated, on crl_dropout's model.
+    assert "crl_dropout/seed0" in stages and "crl_dropout_guided_low/seed0" not in stages
+    guided = stages["eval_val_crl_dropout_guided_low/seed0"].overrides
+    assert guided[guided.index("--checkpoint") + 1] == "runs/x/seed0/crl_dropout/checkpoints/last.ckpt"
+    assert guided[guided.index("--generation.guidance_scale") + 1] == "1.5"
+    assert guided[guided.index("--generation.negative_condition") + 1] == "low"
+    assert "eval_val_crl_dropout_guided_low@low/seed0" not in stages  # no steering rows under guidance
+
+
+def test_each_rollout_lever_changes_its_one_setting(monkeypatch):
+    from dress_lightning.commands.rollout import load_rollout_config
+
+    monkeypatch.chdir(ROOT)
+    stages = {s.name: s for s in experiment_stages(
+        [0], ["crl_samples4", "crl_temperature07", "crl_prompts600"], "val", Path("runs/x"))}
+    shared = load_rollout_config(stages["rollout/seed0"].configs)
+    assert (shared.generation.num_samples, shared.generation.temperature, shared.prompts_shapeworld.samples) == (2, 1.0, 300)
+    changed = {arm: load_rollout_config(stages[f"rollout_{arm}/seed0"].configs)
+               for arm in ("crl_samples4", "crl_temperature07", "crl_prompts600")}
+    assert (changed["crl_samples4"].generation.num_samples, changed["crl_samples4"].generation.temperature) == (4, 1.0)
+    assert (changed["crl_temperature07"].generation.num_samples, changed["crl_temperature07"].generation.temperature) == (2, 0.7)
+    more = changed["crl_prompts600"]
+    assert (more.generation.num_samples, more.prompts_shapeworld.samples) == (2, 600)
+    assert more.prompts != shared.prompts  # its own prompt shards, not the 300 of the shared rollout
+    assert more.prompts_shapeworld.seed == shared.prompts_shapeworld.seed  # the same first 300 prompts
+
+
 def _tiny_overlays(root: Path) -> list[str]:
     fit = yaml.safe_load((ROOT / "configs/overlays/ci_tiny.yaml").read_text())
     fit["trainer"]["max_steps"] = 2
@@ -76,7 +115,8 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results.json"
-    args = ["experiment", "--seeds", "3", "--arms", "crl", "sft_control", "crl_round2", "--split", "val",
+    args = ["experiment", "--seeds", "3", "--arms", "crl", "sft_control", "crl_round2", "crl_samples4",
+            "crl_judge_target_reference_guided_low", "--split", "val",
             "--json", str(out),
             *_tiny_overlays(tmp_path)]
     assert main(args) == 0
@@ -85,7 +125,9 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
                     "best-of-n", "| sft: questions, blank image |", "Distinct descriptions"):
         assert section in report, section
     summary = json.loads(out.read_text())
-    assert [key for key in summary if key in ARMS] == ["sft", "sft_control", "crl", "crl_round2"]
+    assert [key for key in summary if key in ARMS] == ["sft", "sft_control", "crl", "crl_judge_target_reference",
+                                                        "crl_round2", "crl_samples4",
+                                                        "crl_judge_target_reference_guided_low"]
     crl = summary["crl"]
     assert crl["seeds"] == [3] and crl["prompts"] == 18  # 3 sets x 6 prompts
     steer = summary["diagnostics"]["steerability"]["crl"]
@@ -112,7 +154,18 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
             if key == "pope_f1" and expected is None and got == 0:
                 continue  # no true positive: F1 = 2TP / (2TP + FP + FN) is 0 where POPE's 2PR / (P + R) is undefined
             assert (got is None and expected is None) or got == pytest.approx(expected), (name, key)
-    assert set(summary["comparisons"]) == {"crl_vs_sft_control", "crl_round2_vs_sft_control", "crl_round2_vs_crl"}
+    assert set(summary["comparisons"]) == {f"{arm}_vs_{baseline}" for arm in (
+        "crl_judge_target_reference", "crl_round2", "crl_samples4", "crl_judge_target_reference_guided_low")
+        for baseline in ("sft_control", "crl")} | {"crl_vs_sft_control"}
+    # The rollout lever's own rollout samples 4 answers per prompt where the shared one samples 2.
+    feedback = summary["diagnostics"]["feedback_data"]
+    assert feedback["seed3/crl_samples4"]["trajectories"] == 2 * feedback["seed3"]["trajectories"]
+    # The decoding row evaluates the combination's model with guidance away from the low condition.
+    guided = json.loads(Path("runs/repro/seed3/eval/val/crl_judge_target_reference_guided_low/report.json").read_text())
+    assert guided["provenance"]["checkpoint"] == "runs/repro/seed3/crl_judge_target_reference/checkpoints/last.ckpt"
+    assert all((s["generation"]["guidance_scale"], s["generation"]["negative_condition"]) == (1.5, "low")
+               for s in guided["sets"].values())
+    assert "crl_judge_target_reference_guided_low" not in summary["diagnostics"]["steerability"]
     assert set(summary["stage_seconds"]) >= {"warmup", "sft/seed3", "rollout/seed3", "crl/seed3"}
     for run in ("warmup", "seed3/sft", "seed3/crl"):  # the warm-up's image position embedding, carried through
         assert load_task(f"runs/repro/{run}/checkpoints/last.ckpt").model_config.image_position_embedding, run

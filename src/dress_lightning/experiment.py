@@ -7,9 +7,12 @@ The graph (``experiment_stages``), with ``R = --run-dir`` (default ``runs/repro`
     clip (runs/clip, shared with the main job) -> grounding warm-up (R/warmup, shared by the seeds)
       -> per seed s:  R/seed{s}/sft -> R/seed{s}/nlf (rollout of that SFT model, sampled with seed s)
                       -> every other arm, from that SFT model (``crl``, its ablations and levers, ``rft``,
-                         ``dpo`` on that NLF; ``crl_round2`` rolls out ``crl`` and trains it again)
+                         ``dpo`` on that NLF; ``crl_round2`` rolls out ``crl`` and trains it again; a
+                         rollout lever such as ``crl_samples4`` trains on its own rollout, R/seed{s}/{arm}_nlf)
                       -> evaluate every arm on the split: R/seed{s}/eval/{split}/{arm}, conditioned arms
-                         also under ``low`` and ``none`` conditions ({arm}@low, {arm}@none: steerability)
+                         also under ``low`` and ``none`` conditions ({arm}@low, {arm}@none: steerability);
+                         a decoding row (``crl_dropout_guided_none``) evaluates another arm's model with
+                         classifier-free guidance and trains nothing
 
 Each stage is a ``fit`` / ``rollout`` / ``evaluate`` over the arm's configs (``ARMS``: the base
 config plus its ``configs/reproduce/`` overlay, which holds the science: steps, learning rate,
@@ -69,6 +72,13 @@ class Arm:
     continues: str | None = None
     """Another round of that arm (online bootstrapping, as FCP and Quark re-collect): roll out that arm's model,
     judge its answers, and train it again on them (``reads_feedback`` then reads this round's NLF)."""
+    rollout_configs: tuple[str, ...] = ()
+    """Configs over the seed's rollout (its breadth: samples per prompt, temperature, prompt count): the arm
+    trains on its own rollout of the seed's SFT model, ``R/seed{s}/{arm}_nlf``, instead of the shared one."""
+    model_of: str | None = None
+    """A decoding row: train nothing, evaluate that arm's model with ``eval_overrides`` (classifier-free guidance)."""
+    eval_overrides: tuple[str, ...] = ()
+    """Overrides of every evaluation of this arm (``--generation.guidance_scale 1.5``)."""
 
 
 def _crl(description: str, *levers: str) -> Arm:
@@ -76,6 +86,18 @@ def _crl(description: str, *levers: str) -> Arm:
     return Arm(description, ("configs/crl.yaml", "configs/reproduce/crl.yaml",
                              *(f"configs/reproduce/crl_{lever}.yaml" for lever in levers)),
                reads_feedback=True, conditioned=True)
+
+
+def _crl_rollout(description: str, breadth: str) -> Arm:
+    """Plain CRL on its own rollout of the SFT model, made with ``reproduce/rollout_<breadth>.yaml`` on top."""
+    return replace(_crl(description), rollout_configs=(f"configs/reproduce/rollout_{breadth}.yaml",))
+
+
+def _guided(arm: str, negative: str, scale: float = 1.5) -> Arm:
+    """``arm``'s model decoded with classifier-free guidance away from the ``negative`` condition."""
+    return Arm(f"{arm}'s model, classifier-free guidance {scale} away from the {negative!r} condition", (),
+               model_of=arm, eval_overrides=("--generation.guidance_scale", str(scale),
+                                             "--generation.negative_condition", negative))
 
 
 ARMS: dict[str, Arm] = {
@@ -107,6 +129,12 @@ ARMS: dict[str, Arm] = {
     "crl_tokens_in_answer": _crl("CRL lever: score tokens alone at the start of the answer (no critique)",
                                  "tokens_in_answer"),
     "crl_round2": replace(_crl("CRL, a second round on the round-1 CRL model's own judged answers"), continues="crl"),
+    "crl_samples4": _crl_rollout("CRL lever: 4 sampled answers per rollout prompt instead of 2", "samples4"),
+    "crl_temperature07": _crl_rollout("CRL lever: rollout temperature 0.7 instead of 1.0", "temperature07"),
+    "crl_prompts600": _crl_rollout("CRL lever: 600 rollout prompts instead of 300", "prompts600"),
+    "crl_dropout_guided_none": _guided("crl_dropout", "none"),
+    "crl_dropout_guided_low": _guided("crl_dropout", "low"),
+    "crl_judge_target_reference_guided_low": _guided("crl_judge_target_reference", "low"),
     "rft": Arm("RFT: fine-tuning on the best judged samples (rejection sampling)",
                ("configs/rft.yaml", "configs/reproduce/rft.yaml"), reads_feedback=True),
     "dpo": Arm("DPO on pairs from the judged samples (reference: the SFT model)",
@@ -175,41 +203,47 @@ def experiment_stages(
     for seed in seeds:
         root = run_dir / f"seed{seed}"
         sft, nlf = root / "sft", root / "nlf"
-        def rollout(name: str, policy: Path, out: Path) -> Stage:
+        def rollout(name: str, policy: Path, out: Path, configs: Sequence[str] = ()) -> Stage:
             return Stage(f"{name}/seed{seed}", "rollout",
-                         ("configs/rollout.yaml", "configs/reproduce/rollout.yaml", *rollout_overlays), str(out),
-                         ("--checkpoint", str(checkpoint(policy)), "--out", str(out), "--seed", str(seed)))
+                         ("configs/rollout.yaml", "configs/reproduce/rollout.yaml", *configs, *rollout_overlays),
+                         str(out), ("--checkpoint", str(checkpoint(policy)), "--out", str(out), "--seed", str(seed)))
 
         for arm in arms:
             spec = ARMS[arm]
+            if spec.model_of is not None:
+                continue  # a decoding row: only evaluated, on that arm's model
             start = checkpoint(warmup if spec.starts_from == "warmup" else root / (spec.continues or "sft"))
             feedback = nlf
             if spec.continues is not None:  # this round's feedback: the previous round's model, judged
                 feedback = root / f"{arm}_nlf"
                 stages.append(rollout(f"rollout_{arm}", root / spec.continues, feedback))
+            elif spec.rollout_configs:  # a broader or cooler rollout of the same SFT model
+                feedback = root / f"{arm}_nlf"
+                stages.append(rollout(f"rollout_{arm}", sft, feedback, spec.rollout_configs))
             out = root / arm
             stages.append(Stage(f"{arm}/seed{seed}", "fit", (*spec.configs, *fit_overlays), str(checkpoint(out)),
                                 _fit_plumbing(out, seed, start, feedback if spec.reads_feedback else None)))
             if arm == "sft" and any(ARMS[a].reads_feedback for a in arms):
                 stages.append(rollout("rollout", sft, nlf))
         for arm in arms:
-            conditions = ("target", *(STEERING_CONDITIONS if ARMS[arm].conditioned else ()))
-            for condition in conditions:
+            spec = ARMS[arm]
+            for condition in ("target", *(STEERING_CONDITIONS if spec.conditioned else ())):
                 name = evaluation_name(arm, condition)
                 out = root / "eval" / split / name
                 stages.append(Stage(f"eval_{split}_{name}/seed{seed}", "evaluate",
                                     (*EVAL_CONFIGS[split], *eval_overlays), str(out / "report.json"),
-                                    ("--checkpoint", str(checkpoint(root / arm)), "--out", str(out),
-                                     "--seed", str(seed), "--condition", condition)))
+                                    ("--checkpoint", str(checkpoint(root / (spec.model_of or arm))), "--out",
+                                     str(out), "--seed", str(seed), "--condition", condition, *spec.eval_overrides)))
     return stages
 
 
 def with_prerequisites(arms: Sequence[str]) -> list[str]:
-    """``arms`` plus the arms they build on (SFT always; the round an arm continues), in ``ARMS`` order."""
+    """``arms`` plus the arms they build on (SFT always; the round an arm continues; the model a decoding row
+    decodes), in ``ARMS`` order."""
     wanted = {"sft", *arms}
     for arm in list(wanted):
-        while ARMS[arm].continues is not None:
-            arm = ARMS[arm].continues
+        while (before := ARMS[arm].continues or ARMS[arm].model_of) is not None:
+            arm = before
             wanted.add(arm)
     return [arm for arm in ARMS if arm in wanted]
 
@@ -317,11 +351,14 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
                 for key in HEADLINE
             }
     feedback_data = {}
-    nlf = {s: run_dir / f"seed{s}" / "nlf" for s in seeds}
     if any(ARMS[arm].reads_feedback for arm in arms):
         from dress_lightning.feedback.diagnostics import feedback_data_report
 
-        feedback_data = {f"seed{s}": feedback_data_report(path) for s, path in nlf.items()}
+        # Each seed's rollout of its SFT model, and each rollout lever's own (its breadth's best-of-n headroom).
+        nlf = {f"seed{s}": run_dir / f"seed{s}" / "nlf" for s in seeds}
+        nlf |= {f"seed{s}/{arm}": run_dir / f"seed{s}" / f"{arm}_nlf"
+                for arm in arms if ARMS[arm].rollout_configs for s in seeds}
+        feedback_data = {name: feedback_data_report(path) for name, path in nlf.items()}
     timings = run_dir / "timings.json"
     return {
         **results,  # one object per arm, in table order
@@ -390,9 +427,10 @@ def markdown(summary: dict[str, Any]) -> str:
                              for condition, v in conditions.items()]))
     if diagnostics["feedback_data"]:
         aspects = list(next(iter(diagnostics["feedback_data"].values()))["best_of_n"])
-        sections.append("The feedback data (each seed's rollout of its SFT model): mean judge score of the samples "
-                        "and of the best of each prompt's samples (best-of-n: the headroom one round offers):\n\n"
-                        + _table(["seed", "trajectories", "perfect", "refinements improved",
+        sections.append("The feedback data (each seed's rollout of its SFT model, and each rollout lever's own): mean "
+                        "judge score of the samples and of the best of each prompt's samples (best-of-n: the headroom "
+                        "one round offers):\n\n"
+                        + _table(["rollout", "trajectories", "perfect", "refinements improved",
                                   *(f"{a}: mean / best-of-n" for a in aspects)],
                                  [[seed, str(d["trajectories"]), _cell(d["perfect_share"], None),
                                    _cell(d["improved_after_refinement_share"], None),
