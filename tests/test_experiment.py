@@ -156,7 +156,9 @@ def test_a_tiny_experiment_runs_resumes_and_summarizes(tmp_path, monkeypatch, ca
             assert (got is None and expected is None) or got == pytest.approx(expected), (name, key)
     assert set(summary["comparisons"]) == {f"{arm}_vs_{baseline}" for arm in (
         "crl_judge_target_reference", "crl_round2", "crl_samples4", "crl_judge_target_reference_guided_low")
-        for baseline in ("sft_control", "crl")} | {"crl_vs_sft_control"}
+        for baseline in ("sft_control", "crl")} | {"crl_vs_sft_control",
+                                                    # guidance against the same model decoded without it
+                                                    "crl_judge_target_reference_guided_low_vs_crl_judge_target_reference"}
     # The rollout lever's own rollout samples 4 answers per prompt where the shared one samples 2.
     feedback = summary["diagnostics"]["feedback_data"]
     assert feedback["seed3/crl_samples4"]["trajectories"] == 2 * feedback["seed3"]["trajectories"]

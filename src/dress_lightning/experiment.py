@@ -324,6 +324,11 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
             "description": ARMS[arm].description,
             "prompts": len(per_seed[0]),
         }
+    def compare(arm: str, baseline: str) -> dict[str, Any]:
+        return {key: {"diff": _difference(results[arm][key], results[baseline][key]),
+                      "ci95": bootstrap(tallies[arm], key, tallies[baseline], resamples=resamples)}
+                for key in keys}
+
     comparisons = {}
     for baseline in (CONTROL, TREATMENT):
         if baseline not in tallies:
@@ -331,11 +336,10 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
         for arm in arms:
             if arm in (baseline, "sft") or (baseline == TREATMENT and arm == CONTROL):
                 continue
-            comparisons[f"{arm}_vs_{baseline}"] = {
-                key: {"diff": _difference(results[arm][key], results[baseline][key]),
-                      "ci95": bootstrap(tallies[arm], key, tallies[baseline], resamples=resamples)}
-                for key in keys
-            }
+            comparisons[f"{arm}_vs_{baseline}"] = compare(arm, baseline)
+    # A decoding row against the same model decoded plainly: what the decoding alone changes.
+    comparisons |= {f"{arm}_vs_{ARMS[arm].model_of}": compare(arm, ARMS[arm].model_of)
+                    for arm in arms if ARMS[arm].model_of not in (None, TREATMENT)}
     steerability = {}
     for arm in arms:
         if not ARMS[arm].conditioned:
