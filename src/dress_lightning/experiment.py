@@ -80,6 +80,11 @@ class Arm:
     eval_overrides: tuple[str, ...] = ()
     """Overrides of every evaluation of this arm (``--generation.guidance_scale 1.5``)."""
 
+    @property
+    def own_rollout(self) -> bool:
+        """Trains on a rollout of its own (``R/seed{s}/{arm}_nlf``): a later round's, or a rollout lever's."""
+        return self.continues is not None or bool(self.rollout_configs)
+
 
 def _crl(description: str, *levers: str) -> Arm:
     """A CRL arm: configs/crl.yaml + reproduce/crl.yaml, then each lever's ``reproduce/crl_<lever>.yaml``."""
@@ -214,12 +219,10 @@ def experiment_stages(
                 continue  # a decoding row: only evaluated, on that arm's model
             start = checkpoint(warmup if spec.starts_from == "warmup" else root / (spec.continues or "sft"))
             feedback = nlf
-            if spec.continues is not None:  # this round's feedback: the previous round's model, judged
+            if spec.own_rollout:  # the previous round's model, or the SFT model rolled out broader or cooler
                 feedback = root / f"{arm}_nlf"
-                stages.append(rollout(f"rollout_{arm}", root / spec.continues, feedback))
-            elif spec.rollout_configs:  # a broader or cooler rollout of the same SFT model
-                feedback = root / f"{arm}_nlf"
-                stages.append(rollout(f"rollout_{arm}", sft, feedback, spec.rollout_configs))
+                policy = root / spec.continues if spec.continues is not None else sft
+                stages.append(rollout(f"rollout_{arm}", policy, feedback, spec.rollout_configs))
             out = root / arm
             stages.append(Stage(f"{arm}/seed{seed}", "fit", (*spec.configs, *fit_overlays), str(checkpoint(out)),
                                 _fit_plumbing(out, seed, start, feedback if spec.reads_feedback else None)))
@@ -358,10 +361,10 @@ def summarize(seeds: Sequence[int], arms: Sequence[str], split: str, run_dir: Pa
     if any(ARMS[arm].reads_feedback for arm in arms):
         from dress_lightning.feedback.diagnostics import feedback_data_report
 
-        # Each seed's rollout of its SFT model, and each rollout lever's own (its breadth's best-of-n headroom).
+        # Each seed's rollout of its SFT model, and each arm's own (a rollout lever's best-of-n headroom).
         nlf = {f"seed{s}": run_dir / f"seed{s}" / "nlf" for s in seeds}
         nlf |= {f"seed{s}/{arm}": run_dir / f"seed{s}" / f"{arm}_nlf"
-                for arm in arms if ARMS[arm].rollout_configs for s in seeds}
+                for arm in arms if ARMS[arm].own_rollout for s in seeds}
         feedback_data = {name: feedback_data_report(path) for name, path in nlf.items()}
     timings = run_dir / "timings.json"
     return {
@@ -431,7 +434,7 @@ def markdown(summary: dict[str, Any]) -> str:
                              for condition, v in conditions.items()]))
     if diagnostics["feedback_data"]:
         aspects = list(next(iter(diagnostics["feedback_data"].values()))["best_of_n"])
-        sections.append("The feedback data (each seed's rollout of its SFT model, and each rollout lever's own): mean "
+        sections.append("The feedback data (each seed's rollout of its SFT model, and each arm's own): mean "
                         "judge score of the samples and of the best of each prompt's samples (best-of-n: the headroom "
                         "one round offers):\n\n"
                         + _table(["rollout", "trajectories", "perfect", "refinements improved",
