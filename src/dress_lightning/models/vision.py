@@ -46,6 +46,20 @@ class VisionSpec:
     hidden_size: int
 
 
+def fast_memory_format(visual: nn.Module) -> torch.memory_format:
+    """Put a convolutional tower's weights in channels-last layout and return the layout its images should have.
+
+    oneDNN's CPU convolutions (and cuDNN's under mixed precision) run fastest channels-last: the clip stage's
+    step on the 96-px ResNet is about 1.3x faster (bench/README.md, "Channels-last convolutions"). The
+    function is the same up to float rounding. A ViT keeps the default layout: its only convolution is the
+    patch embedding.
+    """
+    if not isinstance(visual, ModifiedResNet):
+        return torch.contiguous_format
+    visual.to(memory_format=torch.channels_last)
+    return torch.channels_last
+
+
 def _patch_tokens(visual: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
     # LLaVA semantics: hidden state of block `layer` (negative counts from the end), without the
     # CLS token and before the final LayerNorm; stop_early skips the blocks after it. A convolutional
@@ -114,6 +128,7 @@ class VisionTower(nn.Module):
     ) -> None:
         super().__init__()
         self.visual = visual
+        self.memory_format = fast_memory_format(visual)
         self.spec = spec
         self.layer = layer
         self.model_name = model_name
@@ -149,7 +164,7 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> patch tokens (B, N, D)."""
-        pixel_values = pixel_values.to(next(self.visual.parameters()).dtype)
+        pixel_values = pixel_values.to(next(self.visual.parameters()).dtype, memory_format=self.memory_format)
         if self.is_frozen:
             # No graph through a frozen tower: saves the activation memory of the whole ViT.
             with torch.no_grad():

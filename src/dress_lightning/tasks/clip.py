@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.models.init import deterministic_init
+from dress_lightning.models.vision import fast_memory_format
 from dress_lightning.tasks.losses import hard_negative_loss
 from dress_lightning.version import __version__
 
@@ -85,6 +86,7 @@ class ContrastiveTowerTask(L.LightningModule):
         self.scheduler_factory = scheduler
         self.clip: open_clip.CLIP | None = None
         self.loss: ClipLoss | None = None
+        self.image_memory_format = torch.contiguous_format
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def configure_model(self) -> None:
@@ -93,6 +95,7 @@ class ContrastiveTowerTask(L.LightningModule):
         with deterministic_init():
             self.clip = open_clip.create_model(self.model_config.vision_model,
                                                pretrained=self.model_config.vision_pretrained)
+        self.image_memory_format = fast_memory_format(self.clip.visual)
         trainer = self._trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         # Features are gathered from every rank, so each rank's images meet all captions of the step.
@@ -107,7 +110,8 @@ class ContrastiveTowerTask(L.LightningModule):
 
     def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised image and caption embeddings, both (B, E)."""
-        images = self.clip.encode_image(batch["pixel_values"], normalize=True)
+        pixel_values = batch["pixel_values"].contiguous(memory_format=self.image_memory_format)
+        images = self.clip.encode_image(pixel_values, normalize=True)
         texts = self.clip.encode_text(batch["input_ids"], normalize=True)
         return images, texts
 
