@@ -4,8 +4,9 @@ The same model (a ``CRLTask`` of the tiny preset, projector + LM training, as co
 batches of the two data modules as the configs set them up: SFT (``configs/sft.yaml``: ShapeWorld conversations,
 batch 16, length grouping 4) and CRL (``configs/crl.yaml``: judged rollout trajectories under their conditions,
 refinement turns, 30% SFT data, batch 16, length grouping 4), each padded and packed padding-free
-(``data.pack_sequences``). A step is forward + loss + backward + AdamW step, without the Trainer; the four kinds of
-batch run interleaved, round after round, and each figure is a median over rounds. ``speedup`` = the padded CRL
+(``data.pack_sequences``), and CRL padded with a wider length-grouping window (``--wide-group``: sorting 16
+batches' worth of samples leaves less padding than 4, and unpacked rows share the system prompt). A step is
+forward + loss + backward + AdamW step, without the Trainer; the kinds of batch run interleaved, round after round, and each figure is a median over rounds. ``speedup`` = the padded CRL
 step's seconds per real token / the packed CRL step's; the target is CRL per real token at most SFT's.
 
     flock /tmp/dress-cpu.lock python bench/crl_step_cost.py --json bench/results/crl_step_cost.json
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="batches of each kind, each timed once per round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds")
     parser.add_argument("--pack-length", type=int, default=None, help="data.pack_length (default: max_length)")
+    parser.add_argument("--wide-group", type=int, default=16,
+                        help="also CRL unpacked with this group_by_length (the system prompt shared; 0: skip)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -70,6 +73,11 @@ def main() -> None:
                                                       sft_weight=0.3, condition=condition, epoch_length=4800,
                                                       max_length=512, shuffle_buffer=500, **common, **packing),
                                         args.batches)
+    if args.wide_group:
+        wide = {**common, "group_by_length": args.wide_group}
+        kinds[f"crl_grouped{args.wide_group}"] = batches(
+            CRLDataModule(nlf_shards=args.nlf_shards, train_shards=args.sft_shards, sft_weight=0.3, condition=condition,
+                          epoch_length=4800, max_length=512, shuffle_buffer=500, **wide), args.batches)
     for kind in kinds.values():  # warm-up: allocator and thread pools, untimed
         step_seconds(task, optimizer, kind[0])
 
@@ -100,6 +108,8 @@ def main() -> None:
         "crl_over_sft_per_real_token": {"padded": cost["crl"] / cost["sft"],
                                         "packed": cost["crl_packed"] / cost["sft_packed"],
                                         "packed_crl_over_padded_sft": cost["crl_packed"] / cost["sft"]},
+        **({f"crl_grouped{args.wide_group}_over_sft_per_real_token": cost[f"crl_grouped{args.wide_group}"] / cost["sft"]}
+           if args.wide_group else {}),
         "crl_over_sft_per_step": {"padded": results["crl"]["step_s"] / results["sft"]["step_s"],
                                   "packed": results["crl_packed"]["step_s"] / results["sft_packed"]["step_s"]},
         "target": "CRL s per real token <= SFT's (packed CRL vs padded SFT as the configs ran before)",

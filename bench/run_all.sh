@@ -15,5 +15,6 @@ checkpoint=(${1:+--checkpoint "$1"})
 "${LOCK[@]}" python bench/data_throughput.py --json bench/results/data_throughput.json
 "${LOCK[@]}" python bench/utilization.py --profile --json bench/results/utilization.json
 "${LOCK[@]}" python bench/feature_cache.py --json bench/results/feature_cache.json
+"${LOCK[@]}" python bench/tower_layout.py --json bench/results/tower_layout.json
 "${LOCK[@]}" python bench/memory.py --json bench/results/memory.json
 python bench/report.py
