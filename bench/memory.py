@@ -198,6 +198,8 @@ def main() -> None:
                 f"data:\n  init_args:\n    {data}"
                 # Where the run starts (the tower, the SFT model) does not change its memory: nothing is built first.
                 "model:\n  init_args:\n    init_checkpoint: null\n    model: {vision_pretrained: null}\n"
+                # OneCycleLR's warm-up must span at least 2 steps: the configs' 5% of a 20-step run is 1.
+                "    scheduler: {init_args: {pct_start: 0.25}}\n"
             )
             cmd = [sys.executable, "-m", "dress_lightning", "fit", "-c", str(REPO / f"configs/{stage}.yaml"),
                    "-c", str(overlay)]

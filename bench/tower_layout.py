@@ -1,4 +1,4 @@
-"""Channels-last convolutions: the convolutional tower's steps in the default layout and in channels-last.
+"""Channels-last convolutions: the convolutional tower's steps on images in the default layout and channels-last.
 
 Two costs of the embedded default's ResNet tower (``dress-tiny-rn``, 96 px):
   - ``clip_step``: a clip-stage step (``ContrastiveTowerTask``: both towers forward, ``ClipLoss``, backward,
@@ -7,7 +7,7 @@ Two costs of the embedded default's ResNet tower (``dress-tiny-rn``, 96 px):
     (the grounding warm-up's batch).
 Each runs in both layouts from the same weights, interleaved round after round on the same batches; figures are
 medians over rounds. ``speedup`` = the default layout's clip step / the channels-last one (what
-``fast_memory_format`` gains the clip stage). The tokens of the two layouts agree to float rounding (printed).
+``image_memory_format`` gains the clip stage; the weights keep their layout in both). The tokens of the two layouts agree to float rounding (printed).
 
     flock /tmp/dress-cpu.lock python bench/tower_layout.py --json bench/results/tower_layout.json
 """
@@ -33,7 +33,6 @@ LAYOUTS = {"default": torch.contiguous_format, "channels_last": torch.channels_l
 def clip_task(config: VisionLanguageConfig, layout: torch.memory_format) -> ContrastiveTowerTask:
     task = ContrastiveTowerTask(model=config, export_path=None)
     task.configure_model()  # seeded init: both layouts start from the same weights
-    task.clip.visual.to(memory_format=layout)
     task.image_memory_format = layout
     return task.train()
 
@@ -75,7 +74,6 @@ def main() -> None:
     towers = {name: build_vision_tower(args.vision_model, None, layer=-1).requires_grad_(False).eval()
               for name in LAYOUTS}
     for name, layout in LAYOUTS.items():
-        towers[name].visual.to(memory_format=layout)
         towers[name].memory_format = layout
     images = torch.cat([b["pixel_values"] for b in batches])[:32]
     token_difference = (towers["default"](images) - towers["channels_last"](images)).abs().max().item()

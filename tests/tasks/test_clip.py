@@ -12,7 +12,7 @@ import yaml
 
 from dress_lightning.cli import main
 from dress_lightning.models import VisionLanguageConfig
-from dress_lightning.models.vision import build_vision_tower, fast_memory_format
+from dress_lightning.models.vision import build_vision_tower, image_memory_format
 from dress_lightning.tasks import ContrastiveTowerTask
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ def test_export_is_the_tower_the_later_stages_load(clip_run):
     random = build_vision_tower("dress-tiny-rn", None, layer=-1).eval()
     tower = build_vision_tower("dress-tiny-rn", str(path), layer=-1).eval()
     images = torch.randn(2, 3, 96, 96)
-    layout = fast_memory_format(trained)  # the layout the tower runs in (channels-last), for bit-equal tokens
+    layout = image_memory_format(trained)  # the layout the tower runs its images in (channels-last): bit-equal tokens
     expected = trained.forward_intermediates(images.contiguous(memory_format=layout), indices=[-1],
                                              intermediates_only=True)["image_intermediates"][0]
     assert torch.equal(tower(images), expected.flatten(2).transpose(1, 2))

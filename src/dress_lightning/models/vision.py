@@ -46,18 +46,16 @@ class VisionSpec:
     hidden_size: int
 
 
-def fast_memory_format(visual: nn.Module) -> torch.memory_format:
-    """Put a convolutional tower's weights in channels-last layout and return the layout its images should have.
+def image_memory_format(visual: nn.Module) -> torch.memory_format:
+    """The memory layout images should have for ``visual``: channels-last for a convolutional tower.
 
-    oneDNN's CPU convolutions (and cuDNN's under mixed precision) run fastest channels-last: the clip stage's
-    step on the 96-px ResNet is about 1.3x faster (bench/README.md, "Channels-last convolutions"). The
-    function is the same up to float rounding. A ViT keeps the default layout: its only convolution is the
-    patch embedding.
+    oneDNN's CPU convolutions (and cuDNN's under mixed precision) run fastest on channels-last inputs: the clip
+    stage's step on the 96-px ResNet is about 1.3x faster (bench/README.md, "Channels-last convolutions"), the
+    same function up to float rounding. The weights keep their layout, so FSDP, which shards only contiguous
+    parameters, and checkpoints see them as before. A ViT's only convolution is its patch embedding: it keeps the
+    default layout.
     """
-    if not isinstance(visual, ModifiedResNet):
-        return torch.contiguous_format
-    visual.to(memory_format=torch.channels_last)
-    return torch.channels_last
+    return torch.channels_last if isinstance(visual, ModifiedResNet) else torch.contiguous_format
 
 
 def _patch_tokens(visual: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
@@ -128,7 +126,7 @@ class VisionTower(nn.Module):
     ) -> None:
         super().__init__()
         self.visual = visual
-        self.memory_format = fast_memory_format(visual)
+        self.memory_format = image_memory_format(visual)
         self.spec = spec
         self.layer = layer
         self.model_name = model_name

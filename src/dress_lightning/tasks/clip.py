@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.models.init import deterministic_init
-from dress_lightning.models.vision import fast_memory_format
+from dress_lightning.models.vision import image_memory_format
 from dress_lightning.tasks.losses import hard_negative_loss
 from dress_lightning.version import __version__
 
@@ -95,7 +95,7 @@ class ContrastiveTowerTask(L.LightningModule):
         with deterministic_init():
             self.clip = open_clip.create_model(self.model_config.vision_model,
                                                pretrained=self.model_config.vision_pretrained)
-        self.image_memory_format = fast_memory_format(self.clip.visual)
+        self.image_memory_format = image_memory_format(self.clip.visual)
         trainer = self._trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         # Features are gathered from every rank, so each rank's images meet all captions of the step.
