@@ -14,10 +14,8 @@ what encoding each prompt once for all its answers saves.
     flock /tmp/dress-cpu.lock python bench/generation_throughput.py --checkpoint CKPT --json bench/results/generation_throughput.json
 
 ``--checkpoint`` takes a task checkpoint of the same config (the ViT preset, ``mlp2x_gelu`` projector, which HF
-LLaVA has), e.g. from ``python -m dress_lightning fit -c configs/sft.yaml --model.init_args.model.vision_model
-dress-tiny-vit --model.init_args.model.vision_pretrained null --model.init_args.model.vision_layer -2
---model.init_args.model.projector mlp2x_gelu --trainer.max_steps 300``; without one the LM is random (every
-answer then runs to ``--max-new-tokens``).
+LLaVA has), e.g. from the 300-step SFT run of bench/README.md, "Run"; without one the LM is random (every answer then
+runs to ``--max-new-tokens``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # Run every benchmark in turn, each under the machine's CPU lock, writing bench/results/*.json.
 #   bash bench/run_all.sh [CHECKPOINT]
 # CHECKPOINT: an SFT task checkpoint with the mlp2x_gelu projector (HF LLaVA's), for generation with real
-# answer lengths; made by `python -m dress_lightning fit -c configs/sft.yaml --model.init_args.model.projector mlp2x_gelu`.
+# answer lengths, of the ViT preset (bench/README.md, "Run", has the command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
