@@ -49,9 +49,8 @@ class VisionSpec:
 def image_memory_format(visual: nn.Module) -> torch.memory_format:
     """The memory layout images should have for ``visual``: channels-last for a convolutional tower.
 
-    oneDNN's CPU convolutions (and cuDNN's under mixed precision) run fastest on channels-last inputs: the clip
-    stage's step on the 96-px ResNet is about 1.3x faster (bench/README.md, "Channels-last convolutions"), the
-    same function up to float rounding. The weights keep their layout, so FSDP, which shards only contiguous
+    oneDNN's CPU convolutions run fastest on channels-last inputs: the clip stage's step on the 96-px ResNet is
+    about 1.35x faster (bench/README.md, "Channels-last convolutions"), the same function up to float rounding. The weights keep their layout, so FSDP, which shards only contiguous
     parameters, and checkpoints see them as before. A ViT's only convolution is its patch embedding: it keeps the
     default layout.
     """
