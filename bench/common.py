@@ -10,18 +10,23 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from dress_lightning.models import VisionLanguageConfig, build_tokenizer, build_vision_language_model
 from dress_lightning.special_tokens import IMAGE_TOKEN
 
 REPO = Path(__file__).resolve().parent.parent
+MIB = 2**20
 
 
 def cpu_model() -> str:
@@ -257,6 +262,21 @@ def ensure_shapeworld(directory: str | Path, samples: int, shard_size: int = 250
     return directory
 
 
+def crl_batches(nlf_shards: str, sft_shards: str, condition, model: VisionLanguageConfig, count: int,
+                group_by_length: int = 4, **layout: Any) -> list[dict[str, Any]]:
+    """The first ``count`` CRL batches of ``configs/crl.yaml``'s data (batch 16, 30% SFT data, epoch of 4800,
+    rows of at most 512 tokens), in the layout given (``group_by_length``, ``pack_sequences``, ``pack_length``)."""
+    from itertools import islice
+
+    from dress_lightning.data.crl import CRLDataModule
+
+    datamodule = CRLDataModule(nlf_shards=nlf_shards, train_shards=sft_shards, sft_weight=0.3, condition=condition,
+                               epoch_length=4800, max_length=512, shuffle_buffer=500, model=model, batch_size=16,
+                               num_workers=0, group_by_length=group_by_length, seed=0, **layout)
+    datamodule.setup()
+    return list(islice(datamodule.train_dataloader(), count))
+
+
 def model_batch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_KEYS}
 
@@ -324,3 +344,32 @@ def plain_loop_times(model, optimizer, batches: Sequence[dict[str, torch.Tensor]
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return times
+
+
+# -- runs of the command line ---------------------------------------------------------------------
+
+
+def run_sampled(cmd: list[str], cwd: str, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``cmd``; peak RSS of its whole process tree (sampled) and of its largest process (ru_maxrss), its output.
+
+    The output goes to a file, not a pipe: a long run (the main job) would fill a pipe nobody reads and stall.
+    """
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        root, peak = psutil.Process(proc.pid), 0
+        start = time.perf_counter()
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        sink.seek(0)
+        output = sink.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
+    largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    return {"tree_peak_rss_mib": peak / MIB, "largest_process_peak_rss_mib": largest / MIB,
+            "wall_s": wall, "output": output}

@@ -21,10 +21,9 @@ import time
 from itertools import islice
 
 import torch
-from common import median, print_table, write_json
+from common import crl_batches, median, print_table, write_json
 
 from dress_lightning.conditions import ConditionSettings
-from dress_lightning.data.crl import CRLDataModule
 from dress_lightning.data.datamodule import ShardDataModule
 from dress_lightning.models import VisionLanguageConfig
 from dress_lightning.tasks import CRLTask
@@ -63,21 +62,17 @@ def main() -> None:
     task.configure_model()
     task.train()
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
-    common = {"model": config, "batch_size": 16, "num_workers": 0, "group_by_length": 4, "seed": 0}
     kinds = {}
     for packed in (False, True):
         packing = {"pack_sequences": packed, "pack_length": args.pack_length}
         suffix = "_packed" if packed else ""
-        kinds[f"sft{suffix}"] = batches(ShardDataModule(train_shards=args.sft_shards, max_length=384,
-                                                        shuffle_buffer=1000, **common, **packing), args.batches)
-        kinds[f"crl{suffix}"] = batches(CRLDataModule(nlf_shards=args.nlf_shards, train_shards=args.sft_shards,
-                                                      sft_weight=0.3, condition=condition, epoch_length=4800,
-                                                      max_length=512, shuffle_buffer=500, **common, **packing),
-                                        args.batches)
+        kinds[f"sft{suffix}"] = batches(ShardDataModule(
+            train_shards=args.sft_shards, max_length=384, shuffle_buffer=1000, model=config, batch_size=16,
+            num_workers=0, group_by_length=4, seed=0, **packing), args.batches)
+        kinds[f"crl{suffix}"] = crl_batches(args.nlf_shards, args.sft_shards, condition, config, args.batches, **packing)
     wide = f"crl_grouped{args.crl_group}"
-    kinds[wide] = batches(CRLDataModule(nlf_shards=args.nlf_shards, train_shards=args.sft_shards, sft_weight=0.3,
-                                        condition=condition, epoch_length=4800, max_length=512, shuffle_buffer=500,
-                                        **{**common, "group_by_length": args.crl_group}), args.batches)
+    kinds[wide] = crl_batches(args.nlf_shards, args.sft_shards, condition, config, args.batches,
+                              group_by_length=args.crl_group)
     for kind in kinds.values():  # warm-up: allocator and thread pools, untimed
         step_seconds(task, optimizer, kind[0])
 

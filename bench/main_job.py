@@ -18,8 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, print_table, write_json
-from memory import run_sampled
+from common import REPO, print_table, run_sampled, write_json
 
 TARGET_S = 300.0
 STAGE_EVENT = re.compile(r"Stage (\S+)(?::.*? is missing; running| done in (\d+) s)")

@@ -24,41 +24,12 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
-from common import REPO, ensure_shapeworld, print_table, write_json
-
-MIB = 2**20
-
-
-def run_sampled(cmd: list[str], cwd: str, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd``; peak RSS of its whole process tree (sampled) and of its largest process (ru_maxrss), its output.
-
-    The output goes to a file, not a pipe: a long run (the main job) would fill a pipe nobody reads and stall.
-    """
-    with tempfile.TemporaryFile(mode="w+") as sink:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
-        root, peak = psutil.Process(proc.pid), 0
-        start = time.perf_counter()
-        while proc.poll() is None:
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-        wall = time.perf_counter() - start
-        sink.seek(0)
-        output = sink.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
-    largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
-    return {"tree_peak_rss_mib": peak / MIB, "largest_process_peak_rss_mib": largest / MIB,
-            "wall_s": wall, "output": output}
+from common import MIB, REPO, ensure_shapeworld, print_table, run_sampled, write_json
 
 
 def checkpoint_breakdown(path: Path) -> dict[str, float]:
@@ -92,21 +63,6 @@ def checkpoint_breakdown(path: Path) -> dict[str, float]:
     }
 
 
-def crl_batches(task, nlf_shards: str, sft_shards: str, count: int) -> list[dict[str, torch.Tensor]]:
-    """``count`` CRL batches as ``configs/crl.yaml`` forms them (batch 16, 30% SFT data), padded: HF takes no packed rows."""
-    from itertools import islice
-
-    from common import model_batch
-
-    from dress_lightning.data.crl import CRLDataModule
-
-    datamodule = CRLDataModule(nlf_shards=nlf_shards, train_shards=sft_shards, sft_weight=0.3, condition=task.condition,
-                               epoch_length=4800, max_length=512, shuffle_buffer=500, model=task.model_config,
-                               batch_size=16, num_workers=0, group_by_length=4, seed=0)
-    datamodule.setup()
-    return [model_batch(b) for b in islice(datamodule.train_dataloader(), count)]
-
-
 def worker(side: str, work: str, args: argparse.Namespace) -> None:
     """One side of an ours-vs-HF comparison, in its own process; prints a JSON line.
 
@@ -114,7 +70,15 @@ def worker(side: str, work: str, args: argparse.Namespace) -> None:
     ``generate`` (greedy answers to ``--prompts`` ShapeWorld prompts in batches of 32, up to 64 new tokens).
     """
     logging.disable(logging.WARNING)
-    from common import build_llava_reference, fixed_length_batches, freeze_like_ours, lightning_fit_times, plain_loop_times
+    from common import (
+        build_llava_reference,
+        crl_batches,
+        fixed_length_batches,
+        freeze_like_ours,
+        lightning_fit_times,
+        model_batch,
+        plain_loop_times,
+    )
 
     from dress_lightning.models import VisionLanguageConfig
     from dress_lightning.tasks import CRLTask, SFTTask
@@ -129,7 +93,9 @@ def worker(side: str, work: str, args: argparse.Namespace) -> None:
         batches = fixed_length_batches(task.tokenizer, task.model.num_image_tokens, task.model.vision.image_size,
                                        count=args.steps, batch_size=16, length=256)
     elif work == "crl":
-        batches = crl_batches(task, args.nlf_shards, str(args.train), args.steps)
+        # Padded (HF takes no packed rows) and grouped by 4: the layout crl_step_cost.py's "crl" batches have.
+        batches = [model_batch(b) for b in crl_batches(args.nlf_shards, str(args.train), task.condition, config,
+                                                       args.steps)]
     else:
         from generation_throughput import ours_generate, prompts, reference_batched_generate
 
